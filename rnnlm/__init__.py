@@ -1,0 +1,7 @@
+"""rnnlm: recurrent neural-network language models trained with PyTorch Lightning and truncated BPTT."""
+
+__version__ = "0.1.0"
+
+from rnnlm.model import RNNLM  # noqa: E402
+
+__all__ = ["RNNLM", "__version__"]

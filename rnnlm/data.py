@@ -1,0 +1,327 @@
+"""The LightningDataModule: dataset -> tokenizer -> cached token stream -> truncated-BPTT chunks.
+
+``prepare_data`` (one process) trains or loads the tokenizer and encodes every split once into a compact numpy
+file under the cache folder, keyed by the dataset's fingerprint and the tokenizer; ``setup`` (every process)
+memory-maps those files and cuts them into streams for this rank.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
+from rnnlm.streams import ChunkLoader, rank_rows
+from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, train_tokenizer
+
+CACHE_VERSION = 1
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+class LMDataModule(L.LightningDataModule):
+    """Text from a Hugging Face dataset, tokenized once, served as contiguous truncated-BPTT chunks.
+
+    Args:
+        source: a Hub dataset name (``Salesforce/wikitext``), a local file or folder (text, json/jsonl, csv,
+            parquet; splits found from file names), a ``save_to_disk`` folder, or ``builtin:python-docs``.
+        config_name: the dataset's configuration on the Hub (``wikitext-2-raw-v1``).
+        text_field: the column holding the text.
+        train_split: name of the training split in the source.
+        val_split: name of the validation split (``valid``/``val``/``dev`` are found too).
+        test_split: name of the test split.
+        sample_by: for text files: one document per ``line`` (WikiText/PTB), ``paragraph`` or whole ``document``.
+        val_fraction: share of the training text carved off its end for validation when the source has none.
+        test_fraction: likewise for the test split.
+        tokenizer: ``char``, ``byte``, ``word``, ``bpe``, ``unigram``, ``wordpiece``, or a ``tokenizer.json`` path
+            or Hub tokenizer name.
+        vocab_size: target vocabulary size of bpe/unigram/wordpiece; a cap for char/word (like max_vocab_size).
+        min_frequency: drop char/word/bpe/wordpiece entries seen fewer times than this in training.
+        max_vocab_size: cap for the char and word vocabularies (most frequent kept, the rest read as ``<unk>``).
+        batch_size: streams per rank; each rank trains ``batch_size`` rows in parallel.
+        bptt: chunk length T: backpropagation runs through T steps, the state is carried further.
+        eval_batch_size: streams per rank for validation and test (default: batch_size).
+        cache_dir: where tokenizers and token ids are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
+    """
+
+    def __init__(
+        self,
+        source: str = "builtin:python-docs",
+        config_name: str | None = None,
+        text_field: str = "text",
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        sample_by: str = "document",
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        tokenizer: str = "char",
+        vocab_size: int | None = None,
+        min_frequency: int = 1,
+        max_vocab_size: int | None = None,
+        batch_size: int = 32,
+        bptt: int = 64,
+        eval_batch_size: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("bptt", bptt), ("min_frequency", min_frequency)):
+            _check_positive(name, value)
+        for name, value in (("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
+                            ("max_vocab_size", max_vocab_size)):
+            if value is not None:
+                _check_positive(name, value)
+        if tokenizer not in LEVELS and not _is_tokenizer_path(tokenizer):
+            close = difflib.get_close_matches(tokenizer, LEVELS, n=1, cutoff=0.75)
+            if close:
+                raise TokenizerError(
+                    f"Unknown tokenizer {tokenizer!r}: did you mean {close[0]!r}? Choose one of {', '.join(LEVELS)}, "
+                    "or give a tokenizer.json path or Hub tokenizer name."
+                )
+        # Saved as target_vocab_size: Lightning merges module and data hparams, and the model's vocab_size is
+        # the real size, which may differ from the requested one.
+        self.save_hyperparameters(ignore=["vocab_size"])
+        self.hparams["target_vocab_size"] = vocab_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self._corpus: Corpus | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._encoder: Encoder | None = None
+        self.ids: dict[str, np.ndarray] = {}
+        self.stats: dict[str, dict] = {}
+        self.cache_hits: dict[str, bool] = {}
+        self._summary_logged = False
+
+    @classmethod
+    def from_hparams(cls, hparams: dict, **overrides) -> LMDataModule:
+        """Rebuild a data module from the hyperparameters saved in a checkpoint (with some overridden)."""
+        kwargs = dict(hparams)
+        kwargs["vocab_size"] = kwargs.pop("target_vocab_size", None)
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kwargs)
+
+    # ----------------------------------------------------------------------------------------- corpus, tokenizer
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            hp = self.hparams
+            self._corpus = load_corpus(
+                hp.source,
+                hp.config_name,
+                hp.text_field,
+                {"train": hp.train_split, "validation": hp.val_split, "test": hp.test_split},
+                hp.sample_by,
+                hp.val_fraction,
+                hp.test_fraction,
+                self.cache_dir,
+            )
+        return self._corpus
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, trained on the training split on first use and cached (or loaded from the cache)."""
+        if self._tokenizer is None:
+            self.use_tokenizer(self._load_or_train_tokenizer())
+        return self._tokenizer  # type: ignore[return-value]
+
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use a given tokenizer (e.g. the one stored in a checkpoint) instead of training one."""
+        self._encoder = Encoder(tokenizer)  # adds a separator if the tokenizer has none
+        self._tokenizer = tokenizer
+
+    @property
+    def encoder(self) -> Encoder:
+        self.tokenizer  # noqa: B018 - builds it on first use
+        return self._encoder  # type: ignore[return-value]
+
+    @property
+    def vocab_size(self) -> int:
+        """The real vocabulary size (what the model's embedding and decoder need)."""
+        return self.encoder.vocab_size
+
+    def _load_or_train_tokenizer(self) -> Tokenizer:
+        hp = self.hparams
+        if hp.tokenizer not in LEVELS:
+            return load_pretrained(hp.tokenizer)
+        cap = hp.max_vocab_size if hp.max_vocab_size is not None else (
+            hp.target_vocab_size if hp.tokenizer in ("char", "word") else None
+        )
+        key = digest(CACHE_VERSION, self.corpus.keys["train"], hp.tokenizer, hp.target_vocab_size, hp.min_frequency, cap)
+        path = self.cache_dir / "tokenizers" / f"{hp.tokenizer}-{key}" / "tokenizer.json"
+        if path.exists():
+            rank_zero_info(f"rnnlm: tokenizer loaded from cache {path}")
+            return Tokenizer.from_file(str(path))
+        start = time.perf_counter()
+        texts = (t for batch in self.corpus.texts("train") for t in batch)
+        tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, tok.to_str(pretty=True))
+        rank_zero_info(
+            f"rnnlm: trained {hp.tokenizer} tokenizer ({tok.get_vocab_size()} entries) in "
+            f"{time.perf_counter() - start:.1f}s, saved to {path}"
+        )
+        return tok
+
+    # ----------------------------------------------------------------------------------------- token cache
+    def _cache_path(self, split: str) -> Path:
+        tok_hash = digest(self.tokenizer.to_str())
+        return self.cache_dir / "tokens" / f"{split}-{self.corpus.keys[split]}-{tok_hash}"
+
+    def prepare_data(self) -> None:
+        """Encode every split once and cache the ids on disk (runs in one process per node)."""
+        for split in self.corpus.splits:
+            folder = self._cache_path(split)
+            if (folder / "meta.json").exists():
+                self.cache_hits[split] = True
+                continue
+            self.cache_hits[split] = False
+            self._encode_split(split, folder)
+
+    def _encode_split(self, split: str, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        enc = self.encoder
+        ds = self.corpus.splits[split]
+        tmp = folder / f".ids.bin.tmp{os.getpid()}"
+        n_tokens = n_docs = n_chars = n_bytes = 0
+        start = time.perf_counter()
+        with open(tmp, "wb") as f, tqdm(
+            total=len(ds), desc=f"encoding {split}", unit="doc", leave=False, disable=len(ds) < 5000
+        ) as bar:
+            for docs in self.corpus.texts(split, batch_size=2000):
+                ids = enc.encode(docs)
+                f.write(ids.tobytes())
+                n_tokens += len(ids)
+                n_docs += len(docs)
+                # The separator after each document counts as one character (it stands for a newline).
+                n_chars += sum(map(len, docs)) + len(docs)
+                n_bytes += sum(len(d.encode("utf-8")) for d in docs) + len(docs)
+                bar.update(len(docs))
+        os.replace(tmp, folder / "ids.bin")
+        meta = {
+            "version": CACHE_VERSION,
+            "split": split,
+            "dtype": enc.dtype.name,
+            "tokens": n_tokens,
+            "documents": n_docs,
+            "characters": n_chars,
+            "bytes": n_bytes,
+            "encoder": enc.path,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        _atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+        rank_zero_info(
+            f"rnnlm: encoded {split}: {n_tokens:,} tokens from {n_chars:,} characters in {meta['seconds']:.1f}s "
+            f"({enc.path}) -> {folder}"
+        )
+
+    def _load_split(self, split: str) -> None:
+        folder = self._cache_path(split)
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            self.prepare_data()  # not run by a Trainer (e.g. plain use) or another node's cache
+        meta = json.loads(meta_path.read_text())
+        self.stats[split] = meta
+        self.ids[split] = (
+            np.memmap(folder / "ids.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+            if meta["tokens"]
+            else np.empty(0, dtype=meta["dtype"])
+        )
+
+    # ----------------------------------------------------------------------------------------- streams
+    @property
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _batch_size(self, split: str) -> int:
+        hp = self.hparams
+        return hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self.corpus.splits:
+            if split not in self.ids:
+                self._load_split(split)
+        if self.stats["train"]["tokens"] <= self.stats["train"]["documents"]:
+            raise DataError(
+                f"The training split of {self.hparams.source!r} holds no text to learn from "
+                f"({self.stats['train']['documents']} empty documents). Check data.source and data.text_field."
+            )
+        world, _ = self._world
+        for split in self.corpus.splits:
+            need_len = self.hparams.bptt + 1 if split == "train" else 2
+            streams = self._batch_size(split) * world
+            if len(self.ids[split]) < streams * need_len:
+                raise DataError(
+                    f"The {split} split has {len(self.ids[split]):,} tokens, too few for {streams} streams "
+                    f"(batch size x world size) of {need_len} tokens: it needs at least {streams * need_len:,}. "
+                    "Lower data.batch_size" + (" or data.bptt" if split == "train" else " or data.eval_batch_size")
+                    + ", or use more text."
+                )
+        if not self._summary_logged:
+            self._log_summary()
+            self._summary_logged = True
+
+    def _log_summary(self) -> None:
+        world, _ = self._world
+        lines = [
+            f"rnnlm data: source={self.hparams.source} tokenizer={self.hparams.tokenizer} "
+            f"vocab={self.vocab_size:,} world_size={world}"
+        ]
+        for split in self.corpus.splits:
+            st, loader = self.stats[split], self.loader(split)
+            hit = {True: "hit", False: "miss"}.get(self.cache_hits.get(split), "hit")
+            lines.append(
+                f"  {split:<10} {st['tokens']:>12,} tokens {st['characters']:>13,} chars  "
+                f"streams={self._batch_size(split) * world} x {loader.rows.shape[1]:,}  "
+                f"chunks/epoch={len(loader):,}  cache {hit}"
+            )
+        rank_zero_info("\n".join(lines))
+
+    def loader(self, split: str, batch_size: int | None = None, bptt: int | None = None) -> ChunkLoader:
+        """The chunk sequence this rank sees for ``split``."""
+        if split not in self.ids:
+            self._load_split(split)
+        world, rank = self._world
+        rows = rank_rows(self.ids[split], batch_size or self._batch_size(split), world, rank)
+        trainer = self.trainer
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return ChunkLoader(rows, bptt or self.hparams.bptt, pin_memory=pin)
+
+    def chars_per_token(self, split: str) -> float:
+        st = self.stats[split]
+        return st["characters"] / max(st["tokens"], 1)
+
+    def bytes_per_token(self, split: str) -> float:
+        st = self.stats[split]
+        return st["bytes"] / max(st["tokens"], 1)
+
+    def train_dataloader(self) -> ChunkLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> ChunkLoader | list:
+        return self.loader("validation") if "validation" in self.corpus.splits else []
+
+    def test_dataloader(self) -> ChunkLoader | list:
+        return self.loader("test") if "test" in self.corpus.splits else []
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise DataError(f"data.{name} must be a positive integer, got {value!r}.")
+
+
+def _is_tokenizer_path(spec: str) -> bool:
+    return "/" in spec or spec.endswith(".json") or os.path.exists(spec)
+

@@ -1,0 +1,70 @@
+"""Train a language model: ``python -m rnnlm.fit --config configs/quickstart.yaml [--section.key value ...]``.
+
+A LightningCLI without subcommands: the config file and dotted overrides set the data module (``--data.*``),
+the model (``--model.*``), the Trainer (``--trainer.*``), the optimizer and learning-rate scheduler
+(``--optimizer``, ``--lr_scheduler``), checkpointing (``--checkpoint.*``) and the closing text sample
+(``--sample.*``). ``--print_config`` shows the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from rnnlm.callbacks import TextSample
+from rnnlm.data import LMDataModule
+from rnnlm.lm import LanguageModel
+
+# The CLI's optimizer/lr_scheduler settings replace the module's fallback optimizer; that is the intent.
+warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
+
+
+class RNNLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data module knows the vocabulary (it builds the tokenizer on demand); the user never repeats it.
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="Checkpoint to resume from (a path, or 'last').")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="Evaluate the best checkpoint on the test split after training.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch}-step{step}-val_loss{val/loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(TextSample, "sample")
+
+
+def main(args: list[str] | None = None) -> RNNLMCLI:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli = RNNLMCLI(
+        LanguageModel,
+        LMDataModule,
+        run=False,
+        args=args,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__},
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
+        trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
+    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+    if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=data, ckpt_path=best or None)
+    if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+        ckpt = trainer.checkpoint_callback
+        print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+    return cli
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The LightningModule: truncated BPTT with the hidden state carried from chunk to chunk.
+
+Each batch is one ``[B, T]`` chunk whose row b continues row b of the previous batch (see ``streams.py``). The
+state left by a chunk is detached and fed to the next one, so the model reads unbounded context while gradients
+flow through T steps only. Optimisation stays automatic, so the Trainer's gradient clipping, accumulation,
+mixed precision and LightningCLI's optimizer / lr_scheduler settings all keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from rnnlm import __version__
+from rnnlm.model import RNNLM, State, detach_state
+from rnnlm.tokenization import Encoder
+
+LN2 = math.log(2)
+STAGES = {"train": "train", "validate": "val", "test": "test"}
+
+
+class LanguageModel(L.LightningModule):
+    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``.
+
+    ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        cell: str = "lstm",
+        num_layers: int = 2,
+        embedding_dim: int = 200,
+        hidden_size: int = 200,
+        input_mode: str = "embedding",
+        dropout_embedding: float = 0.0,
+        dropout_between: float = 0.0,
+        dropout_output: float = 0.0,
+        tie_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = RNNLM(
+            vocab_size=vocab_size,
+            cell=cell,
+            num_layers=num_layers,
+            embedding_dim=embedding_dim,
+            hidden_size=hidden_size,
+            input_mode=input_mode,
+            dropout_embedding=dropout_embedding,
+            dropout_between=dropout_between,
+            dropout_output=dropout_output,
+            tie_weights=tie_weights,
+        )
+        # Carried hidden state per stage: validation must not disturb the training stream's state.
+        self._state: dict[str, State | None] = {}
+        self._eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.tokenizer_json: str | None = None
+        self.chars_per_token: dict[str, float] = {}
+        self._tps: tuple[float, int] | None = None
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "encoder"):
+            return
+        if dm.vocab_size != self.hparams.vocab_size:
+            raise ValueError(
+                f"The model was built for {self.hparams.vocab_size} tokens but the data's tokenizer has "
+                f"{dm.vocab_size}; they must match (leave model.vocab_size to the data module)."
+            )
+        self.tokenizer_json = dm.tokenizer.to_str()
+        for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
+            if split in dm.stats:
+                self.chars_per_token[name] = dm.chars_per_token(split)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self.tokenizer_json is None:
+            raise RuntimeError("This model has no tokenizer yet: train it with LMDataModule or load a checkpoint.")
+        return Encoder(Tokenizer.from_str(self.tokenizer_json))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain strings and numbers only, so the checkpoint alone is enough to generate or evaluate.
+        checkpoint["rnnlm"] = {
+            "version": __version__,
+            "tokenizer": self.tokenizer_json,
+            "chars_per_token": dict(self.chars_per_token),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("rnnlm", {})
+        self.tokenizer_json = extra.get("tokenizer")
+        self.chars_per_token = dict(extra.get("chars_per_token", {}))
+
+    def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        return self.model(idx, state)
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _step(self, stage: str, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        state = self._state.get(stage)
+        if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
+            state = None  # a different number of streams: nothing to carry
+        logits, state = self.model(x, state)
+        self._state[stage] = detach_state(state)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+    def _metrics(self, stage: str, loss: Tensor) -> dict[str, Tensor]:
+        metrics = {
+            f"{stage}/loss": loss,
+            f"{stage}/ppl": torch.exp(loss),
+            f"{stage}/bits_per_token": loss / LN2,
+        }
+        if stage in self.chars_per_token:
+            metrics[f"{stage}/bpc"] = loss / LN2 / self.chars_per_token[stage]
+        return metrics
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._step("train", batch)
+        metrics = self._metrics("train", loss.detach())
+        self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Tokens/s over each logging window; no device sync, which would stall a GPU every step.
+        now, ntok = time.perf_counter(), batch[1].numel() * self.trainer.world_size
+        if self._tps is None:
+            self._tps = (now, 0)
+            return
+        t0, seen = self._tps
+        seen += ntok
+        if (self.global_step % self.trainer.log_every_n_steps == 0) and now > t0:
+            self.log("train/tokens_per_s", seen / (now - t0), on_step=True, on_epoch=False, prog_bar=True)
+            self._tps = (now, 0)
+        else:
+            self._tps = (t0, seen)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_loss["val"].update(self._step("val", batch), weight=batch[1].numel())
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_loss["test"].update(self._step("test", batch), weight=batch[1].numel())
+
+    def _log_eval(self, stage: str) -> None:
+        metric = self._eval_loss[stage]
+        if metric.update_count == 0:
+            return
+        loss = metric.compute()  # token-weighted mean over all batches, reduced across ranks
+        metric.reset()
+        self.log_dict(self._metrics(stage, loss), prog_bar=(stage == "val"), sync_dist=False)
+
+    # ----------------------------------------------------------------------------------------- epoch hooks
+    def on_train_epoch_start(self) -> None:
+        self._state.pop("train", None)
+        self._tps = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._state.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._state.pop("test", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def configure_optimizers(self):
+        # Used when no optimizer is configured (plain Python use); configs set their own through LightningCLI.
+        return torch.optim.AdamW(self.parameters(), lr=2e-3)
+
+    # ----------------------------------------------------------------------------------------- use
+    def sample(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """Generate text after ``prompt``; the hidden state starts from a document boundary."""
+        enc = self.encoder
+        ids = [enc.separator, *enc.encode_text(prompt)]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            new = self.model.generate(
+                torch.tensor(ids, device=self.device), max_new_tokens, temperature, top_k, generator
+            )
+        finally:
+            self.train(was_training)
+        return enc.decode(new.tolist())

@@ -1,0 +1,258 @@
+"""Where the text comes from: Hugging Face ``datasets`` from the Hub, local files or ``save_to_disk`` folders.
+
+Everything ends up as a :class:`Corpus`: one ``datasets.Dataset`` per split with a single text column, plus a
+content key per split that the token cache is keyed by. A split that the source lacks is carved from the end
+of the training text by fraction of characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+SAMPLE_BY = ("document", "paragraph", "line")
+BUILTIN_PREFIX = "builtin:"
+_TEXT_SUFFIXES = {".txt", ".text", ".tokens", ".raw", ""}
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """The data source cannot be used as configured."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RNNLM_CACHE", Path.home() / ".cache" / "rnnlm")).expanduser()
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Corpus:
+    """The text of each split (column ``text``) and a key that changes whenever that text may have changed."""
+
+    splits: dict  # split name -> datasets.Dataset
+    keys: dict  # split name -> str
+
+    def texts(self, split: str, batch_size: int = 1000):
+        """The documents of ``split``, in batches of plain strings."""
+        for batch in self.splits[split].iter(batch_size=batch_size):
+            yield batch["text"]
+
+
+# --------------------------------------------------------------------------------------------- built-in corpus
+def python_docs(cache_dir: Path) -> Path:
+    """The reference topics of the Python documentation that every CPython ships (``pydoc_data.topics``).
+
+    About 0.47 M characters of real English technical prose and code, one document per topic; written once
+    as JSON lines so it goes through the same local-file path as any user corpus.
+    """
+    from pydoc_data.topics import topics
+
+    path = cache_dir / "corpora" / "python-docs" / "train.jsonl"
+    content = "".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics))
+    if not path.exists() or path.read_text(encoding="utf-8") != content:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+BUILTIN = {"python-docs": python_docs}
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _text_kwargs(sample_by: str) -> dict:
+    # The text builder drops newlines unless told otherwise. In line mode the document separator after each
+    # line stands for the newline (the classic WikiText/PTB treatment); otherwise the newlines stay in the text.
+    if sample_by == "line":
+        return {"sample_by": "line", "keep_linebreaks": False}
+    return {"sample_by": sample_by}
+
+
+def _builder_for(paths: list[Path]) -> str | None:
+    suffixes = {p.suffix.lower() for p in paths}
+    if suffixes <= _TEXT_SUFFIXES:
+        return "text"
+    builders = {_BUILDERS.get(s) for s in suffixes}
+    if len(builders) == 1 and None not in builders:
+        return builders.pop()
+    return None
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source and Path(source).suffix != "" or bool(
+        Path(source).suffix.lower() in {*_BUILDERS, ".txt", ".text", ".tokens", ".raw"}
+    )
+
+
+def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path):
+    """Load ``source`` into a ``datasets.DatasetDict`` (or a single ``Dataset`` for a ``save_to_disk`` folder)."""
+    import datasets
+
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"Unknown sample_by {sample_by!r}; choose one of {', '.join(SAMPLE_BY)}.")
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN:
+            choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN)
+            raise DataError(f"Unknown built-in corpus {source!r}; the built-in corpora are: {choices}.")
+        source = str(BUILTIN[name](cache_dir))
+
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return datasets.load_from_disk(str(path))
+    if path.is_file():
+        builder = _builder_for([path])
+        if builder is None:
+            raise DataError(
+                f"Cannot tell how to read {path}: use a text (.txt), JSON lines (.json/.jsonl), CSV (.csv) or "
+                "parquet (.parquet) file."
+            )
+        kwargs = _text_kwargs(sample_by) if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        if not files:
+            raise DataError(f"The data folder {path} holds no files.")
+        builder = _builder_for(files)
+        if builder == "text":
+            return datasets.load_dataset("text", data_dir=str(path), **_text_kwargs(sample_by))
+        return datasets.load_dataset(str(path))
+    if _looks_like_path(source):
+        raise DataError(
+            f"Data source {source!r} does not exist. Give an existing file or folder, a Hugging Face Hub dataset "
+            f"name (e.g. Salesforce/wikitext with config_name wikitext-2-raw-v1), or {BUILTIN_PREFIX}python-docs."
+        )
+    try:
+        return datasets.load_dataset(source, config_name)
+    except Exception as err:  # the Hub raises many types: not found, gated, offline, bad config
+        offline = " (HF_HUB_OFFLINE is set, so the Hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise DataError(
+            f"Could not load dataset {source!r}"
+            + (f" (config {config_name!r})" if config_name else "")
+            + f" from the Hugging Face Hub{offline}: {type(err).__name__}: {err}\n"
+            "Check the name and config, your network, or give a local file/folder instead."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------- corpus
+def load_corpus(
+    source: str,
+    config_name: str | None = None,
+    text_field: str = "text",
+    split_names: dict | None = None,
+    sample_by: str = "document",
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    cache_dir: Path | None = None,
+) -> Corpus:
+    """Load the source, pick the text column and the three splits, carving missing ones from train."""
+    import datasets
+
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise DataError(f"{name} must be in [0, 1), got {frac}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError("val_fraction + test_fraction must leave some text for training (sum < 1).")
+
+    raw = load_raw(source, config_name, sample_by, cache_dir)
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    available = {k: raw[k] for k in raw}
+
+    def find(split: str):
+        wanted = names[split]
+        if wanted in available:
+            return available[wanted]
+        if split == "validation":
+            for alias in ("validation", "valid", "val", "dev"):
+                if alias in available:
+                    return available[alias]
+        return None
+
+    found = {s: find(s) for s in SPLITS}
+    if found["train"] is None:
+        raise DataError(
+            f"The source {source!r} has no split {names['train']!r}; its splits are {sorted(available)}. "
+            "Set data.train_split to one of them."
+        )
+    columns = found["train"].column_names
+    if text_field not in columns:
+        raise DataError(
+            f"The source {source!r} has no field {text_field!r}; its fields are {columns}. Set data.text_field."
+        )
+
+    splits, keys = {}, {}
+    for s in SPLITS:
+        if found[s] is not None:
+            ds = found[s].select_columns([text_field])
+            if text_field != "text":
+                ds = ds.rename_column(text_field, "text")
+            splits[s] = ds
+            keys[s] = digest(found[s]._fingerprint, text_field, sample_by)
+
+    carve = [(s, f) for s, f in (("validation", val_fraction), ("test", test_fraction)) if s not in splits and f > 0]
+    if carve:
+        base_key = keys["train"]
+        pieces = carve_by_characters(splits["train"], [f for _, f in carve])
+        splits["train"], keys["train"] = pieces[0], digest(base_key, "carved-train", carve)
+        for (s, frac), piece in zip(carve, pieces[1:]):
+            splits[s], keys[s] = piece, digest(base_key, "carved", s, carve)
+
+    if not any(t.strip() for batch in splits["train"].iter(batch_size=1000) for t in batch["text"]):
+        raise DataError(f"The training split of {source!r} holds no text (field {text_field!r} is empty).")
+    return Corpus(splits=splits, keys=keys)
+
+
+def _n_chars(ds) -> np.ndarray:
+    lengths = [len(t) for batch in ds.iter(batch_size=10_000) for t in batch["text"]]
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def carve_by_characters(ds, fractions: list[float]) -> list:
+    """Cut ``ds`` into consecutive pieces: the head, then one piece per fraction taken from the end, in order.
+
+    Cuts fall at a character position, splitting a document in two where needed, so that even a corpus that is
+    a single document (tinyshakespeare) can be carved.
+    """
+    import datasets
+
+    lengths = _n_chars(ds)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    bounds = [0, round(total * (1 - sum(fractions)))]
+    for f in fractions:
+        bounds.append(bounds[-1] + round(total * f))
+    bounds[-1] = total
+
+    def piece(start: int, stop: int):
+        if start >= stop:
+            return ds.select([])
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop, side="left"))
+        starts = ends - lengths
+        parts = []
+        lo = start - int(starts[first])
+        if first == last:
+            text = ds[first]["text"][lo : stop - int(starts[first])]
+            return datasets.Dataset.from_dict({"text": [text]}, features=ds.features)
+        if lo > 0:
+            parts.append(datasets.Dataset.from_dict({"text": [ds[first]["text"][lo:]]}, features=ds.features))
+            first += 1
+        parts.append(ds.select(range(first, last)))
+        hi = stop - int(starts[last])
+        parts.append(datasets.Dataset.from_dict({"text": [ds[last]["text"][:hi]]}, features=ds.features))
+        return datasets.concatenate_datasets([p for p in parts if len(p)])
+
+    return [piece(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
