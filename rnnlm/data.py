@@ -258,17 +258,8 @@ class LMDataModule(L.LightningDataModule):
                 f"The training split of {self.hparams.source!r} holds no text to learn from "
                 f"({self.stats['train']['documents']} empty documents). Check data.source and data.text_field."
             )
-        world, _ = self._world
         for split in self.corpus.splits:
-            need_len = self.hparams.bptt + 1 if split == "train" else 2
-            streams = self._batch_size(split) * world
-            if len(self.ids[split]) < streams * need_len:
-                raise DataError(
-                    f"The {split} split has {len(self.ids[split]):,} tokens, too few for {streams} streams "
-                    f"(batch size x world size) of {need_len} tokens: it needs at least {streams * need_len:,}. "
-                    "Lower data.batch_size" + (" or data.bptt" if split == "train" else " or data.eval_batch_size")
-                    + ", or use more text."
-                )
+            self.loader(split)  # checks that every split is large enough, before training starts
         if not self._summary_logged:
             self._log_summary()
             self._summary_logged = True
@@ -294,10 +285,21 @@ class LMDataModule(L.LightningDataModule):
         if split not in self.ids:
             self._load_split(split)
         world, rank = self._world
-        rows = rank_rows(self.ids[split], batch_size or self._batch_size(split), world, rank)
+        batch_size = batch_size or self._batch_size(split)
+        bptt = bptt or self.hparams.bptt
+        need_len = bptt + 1 if split == "train" else 2
+        streams = batch_size * world
+        if len(self.ids[split]) < streams * need_len:
+            raise DataError(
+                f"The {split} split has {len(self.ids[split]):,} tokens, too few for {streams} streams "
+                f"(batch size x world size) of {need_len} tokens: it needs at least {streams * need_len:,}. "
+                "Lower data.batch_size" + (" or data.bptt" if split == "train" else " or data.eval_batch_size")
+                + ", or use more text."
+            )
+        rows = rank_rows(self.ids[split], batch_size, world, rank)
         trainer = self.trainer
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return ChunkLoader(rows, bptt or self.hparams.bptt, pin_memory=pin)
+        return ChunkLoader(rows, bptt, pin_memory=pin)
 
     def chars_per_token(self, split: str) -> float:
         st = self.stats[split]

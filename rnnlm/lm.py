@@ -191,7 +191,7 @@ class LanguageModel(L.LightningModule):
     ) -> str:
         """Generate text after ``prompt``; the hidden state starts from a document boundary."""
         enc = self.encoder
-        ids = [enc.separator, *enc.encode_text(prompt)]
+        prompt_ids = enc.encode_text(prompt)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -199,8 +199,37 @@ class LanguageModel(L.LightningModule):
         self.eval()
         try:
             new = self.model.generate(
-                torch.tensor(ids, device=self.device), max_new_tokens, temperature, top_k, generator
-            )
+                torch.tensor([enc.separator, *prompt_ids], device=self.device),
+                max_new_tokens,
+                temperature,
+                top_k,
+                generator,
+            ).tolist()
         finally:
             self.train(was_training)
-        return enc.decode(new.tolist())
+        # Decode prompt and continuation together so that word-level spacing comes out right.
+        head, full = enc.decode(prompt_ids), enc.decode(prompt_ids + new)
+        return full[len(head) :] if full.startswith(head) else full
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> LanguageModel:
+        """Load a trained model (weights, hyperparameters and tokenizer) from one checkpoint file.
+
+        Loads with ``weights_only=True``: the file holds tensors and plain types only, so loading runs no code.
+        """
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Checkpoint {path!r} does not exist.") from None
+        except Exception as err:
+            raise ValueError(f"Could not read checkpoint {path!r} (corrupt or not a checkpoint?): {err}") from err
+        if not isinstance(ckpt, dict) or "rnnlm" not in ckpt or "hyper_parameters" not in ckpt:
+            raise ValueError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
+        # LightningCLI adds private entries (``_instantiator``) that are not model settings.
+        model = cls(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+        model.load_state_dict(ckpt["state_dict"])
+        model.on_load_checkpoint(ckpt)
+        model.datamodule_hparams = {
+            k: v for k, v in ckpt.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")
+        }
+        return model.to(map_location).eval()
