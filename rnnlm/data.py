@@ -158,7 +158,9 @@ class LMDataModule(L.LightningDataModule):
         cap = hp.max_vocab_size if hp.max_vocab_size is not None else (
             hp.target_vocab_size if hp.tokenizer in ("char", "word") else None
         )
-        key = digest(CACHE_VERSION, self.corpus.keys["train"], hp.tokenizer, hp.target_vocab_size, hp.min_frequency, cap)
+        key = digest(
+            CACHE_VERSION, self.corpus.keys["train"], hp.tokenizer, hp.target_vocab_size, hp.min_frequency, cap
+        )
         path = self.cache_dir / "tokenizers" / f"{hp.tokenizer}-{key}" / "tokenizer.json"
         if path.exists():
             rank_zero_info(f"rnnlm: tokenizer loaded from cache {path}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = Union[Tensor, tuple[Tensor, Tensor]]
+State = Union[Tensor, tuple[Tensor, Tensor]]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 INPUT_MODES = ("embedding", "one_hot")

@@ -89,9 +89,8 @@ def _builder_for(paths: list[Path]) -> str | None:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source and Path(source).suffix != "" or bool(
-        Path(source).suffix.lower() in {*_BUILDERS, ".txt", ".text", ".tokens", ".raw"}
-    )
+    suffix = Path(source).suffix.lower()
+    return source.startswith((".", "/", "~")) or suffix in {*_BUILDERS, *_TEXT_SUFFIXES} - {""}
 
 
 def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path):
@@ -117,16 +116,18 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
                 f"Cannot tell how to read {path}: use a text (.txt), JSON lines (.json/.jsonl), CSV (.csv) or "
                 "parquet (.parquet) file."
             )
+        _check_not_empty([path])
         kwargs = _text_kwargs(sample_by) if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        return _load_local(path, builder, data_files={"train": str(path)}, **kwargs)
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
         if not files:
             raise DataError(f"The data folder {path} holds no files.")
+        _check_not_empty(files)
         builder = _builder_for(files)
         if builder == "text":
-            return datasets.load_dataset("text", data_dir=str(path), **_text_kwargs(sample_by))
-        return datasets.load_dataset(str(path))
+            return _load_local(path, "text", data_dir=str(path), **_text_kwargs(sample_by))
+        return _load_local(path, str(path))
     if _looks_like_path(source):
         raise DataError(
             f"Data source {source!r} does not exist. Give an existing file or folder, a Hugging Face Hub dataset "
@@ -140,7 +141,31 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
             f"Could not load dataset {source!r}"
             + (f" (config {config_name!r})" if config_name else "")
             + f" from the Hugging Face Hub{offline}: {type(err).__name__}: {err}\n"
-            "Check the name and config, your network, or give a local file/folder instead."
+            + (f"No local file or folder named {source!r} exists either. " if "/" in source else "")
+            + "Check the name and config, your network, or give a local file/folder instead."
+        ) from err
+
+
+def _check_not_empty(files: list[Path]) -> None:
+    empty = [f for f in files if not f.read_bytes().strip()]
+    if empty:
+        names = ", ".join(str(f) for f in empty[:5])
+        raise DataError(
+            f"Data file(s) {names} hold no text (empty or whitespace only). "
+            "Put text in them, remove them, or point data.source elsewhere."
+        )
+
+
+def _load_local(path: Path, builder: str, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        if "corresponds to no data" in str(err):
+            raise DataError(f"{path} holds no text: no rows were found in it.") from err
+        raise DataError(
+            f"datasets could not read {path} as {builder!r}: {type(err).__name__}: {err}. Check the file's format."
         ) from err
 
 
@@ -207,11 +232,14 @@ def load_corpus(
         base_key = keys["train"]
         pieces = carve_by_characters(splits["train"], [f for _, f in carve])
         splits["train"], keys["train"] = pieces[0], digest(base_key, "carved-train", carve)
-        for (s, frac), piece in zip(carve, pieces[1:]):
+        for (s, _), piece in zip(carve, pieces[1:]):
             splits[s], keys[s] = piece, digest(base_key, "carved", s, carve)
 
     if not any(t.strip() for batch in splits["train"].iter(batch_size=1000) for t in batch["text"]):
-        raise DataError(f"The training split of {source!r} holds no text (field {text_field!r} is empty).")
+        raise DataError(
+            f"The training split of {source!r} holds no text: field {text_field!r} is empty or whitespace in every "
+            "row. Check data.source and data.text_field."
+        )
     return Corpus(splits=splits, keys=keys)
 
 
