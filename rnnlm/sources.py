@@ -44,7 +44,7 @@ class Corpus:
     def texts(self, split: str, batch_size: int = 1000):
         """The documents of ``split``, in batches of plain strings."""
         for batch in self.splits[split].iter(batch_size=batch_size):
-            yield batch["text"]
+            yield [t or "" for t in batch["text"]]  # a missing value (CSV cell, JSON null) is an empty document
 
 
 # --------------------------------------------------------------------------------------------- built-in corpus
@@ -235,7 +235,7 @@ def load_corpus(
         for (s, _), piece in zip(carve, pieces[1:]):
             splits[s], keys[s] = piece, digest(base_key, "carved", s, carve)
 
-    if not any(t.strip() for batch in splits["train"].iter(batch_size=1000) for t in batch["text"]):
+    if not any(t.strip() for batch in Corpus(splits, keys).texts("train") for t in batch):
         raise DataError(
             f"The training split of {source!r} holds no text: field {text_field!r} is empty or whitespace in every "
             "row. Check data.source and data.text_field."
@@ -244,7 +244,7 @@ def load_corpus(
 
 
 def _n_chars(ds) -> np.ndarray:
-    lengths = [len(t) for batch in ds.iter(batch_size=10_000) for t in batch["text"]]
+    lengths = [len(t or "") for batch in ds.iter(batch_size=10_000) for t in batch["text"]]
     return np.asarray(lengths, dtype=np.int64)
 
 
@@ -264,23 +264,33 @@ def carve_by_characters(ds, fractions: list[float]) -> list:
         bounds.append(bounds[-1] + round(total * f))
     bounds[-1] = total
 
+    starts = ends - lengths
+
+    def text_of(i: int) -> str:
+        return ds[i]["text"] or ""
+
     def piece(start: int, stop: int):
-        if start >= stop:
+        # Document i spans [starts[i], ends[i]). A non-empty one belongs to every piece it overlaps; an empty one
+        # to the piece that ends at or after its position (the first piece also takes those at 0), so none is lost.
+        nonempty = (lengths > 0) & (starts < stop) & (ends > start)
+        empty = (lengths == 0) & (((starts > start) & (starts <= stop)) | ((start == 0) & (starts == 0)))
+        members = np.flatnonzero(nonempty | empty)
+        if len(members) == 0:
             return ds.select([])
-        first = int(np.searchsorted(ends, start, side="right"))
-        last = int(np.searchsorted(ends, stop, side="left"))
-        starts = ends - lengths
-        parts = []
-        lo = start - int(starts[first])
-        if first == last:
-            text = ds[first]["text"][lo : stop - int(starts[first])]
+        first, last = int(members[0]), int(members[-1])
+        head_cut, tail_cut = starts[first] < start, ends[last] > stop
+        if first == last and (head_cut or tail_cut):
+            text = text_of(first)[max(start - int(starts[first]), 0) : stop - int(starts[first])]
             return datasets.Dataset.from_dict({"text": [text]}, features=ds.features)
-        if lo > 0:
-            parts.append(datasets.Dataset.from_dict({"text": [ds[first]["text"][lo:]]}, features=ds.features))
+        parts = []
+        if head_cut:
+            parts.append(datasets.Dataset.from_dict({"text": [text_of(first)[start - int(starts[first]) :]]},
+                                                    features=ds.features))
             first += 1
-        parts.append(ds.select(range(first, last)))
-        hi = stop - int(starts[last])
-        parts.append(datasets.Dataset.from_dict({"text": [ds[last]["text"][:hi]]}, features=ds.features))
+        parts.append(ds.select(range(first, last + (0 if tail_cut else 1))))
+        if tail_cut:
+            parts.append(datasets.Dataset.from_dict({"text": [text_of(last)[: stop - int(starts[last])]]},
+                                                    features=ds.features))
         return datasets.concatenate_datasets([p for p in parts if len(p)])
 
     return [piece(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -109,6 +109,30 @@ def _keep_frequent(counts: Counter[str], min_frequency: int, max_vocab_size: int
     return [t for t, _ in items]
 
 
+# --------------------------------------------------------------------------------------------- word level
+def word_tokenizer(texts: Iterable[str], min_frequency: int = 1, max_vocab_size: int | None = None) -> Tokenizer:
+    """Whitespace words by frequency: ``<unk>`` = 0, ``<eos>`` = 1, then the words, most frequent first.
+
+    The counting runs in Rust (``WordLevelTrainer``, no special tokens) and the vocabulary is then laid out
+    densely here: with specials given to the trainer, a literal "<unk>" in the text (WikiText, PTB) is
+    re-inserted at its frequency rank and leaves a hole, so the largest id would equal the vocabulary size.
+    A literal "<unk>" in the text reads as the unknown token, as in the classic setting.
+    """
+    counter = Tokenizer(models.WordLevel(unk_token=UNK))
+    counter.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # WordLevelTrainer caps the vocabulary at 30k unless told otherwise.
+    trainer = trainers.WordLevelTrainer(vocab_size=1 << 31, min_frequency=min_frequency, show_progress=False)
+    counter.train_from_iterator(texts, trainer=trainer)
+    ranked = sorted(counter.get_vocab().items(), key=lambda kv: kv[1])
+    words = [w for w, _ in ranked if w not in (UNK, EOS)]
+    if max_vocab_size is not None:
+        words = words[: max(0, max_vocab_size - 2)]
+    vocab = {UNK: 0, EOS: 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
 # --------------------------------------------------------------------------------------------- training
 def train_tokenizer(
     level: str,
@@ -131,17 +155,7 @@ def train_tokenizer(
     if level == "char":
         return char_tokenizer(_keep_frequent(count_chars(texts), min_frequency, max_vocab_size, 2))
     if level == "word":
-        tok = Tokenizer(models.WordLevel(unk_token=UNK))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        # WordLevelTrainer caps the vocabulary at 30k unless told otherwise.
-        trainer = trainers.WordLevelTrainer(
-            vocab_size=max_vocab_size or 1 << 31,
-            min_frequency=min_frequency,
-            special_tokens=[UNK, EOS],
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        return tok
+        return word_tokenizer(texts, min_frequency, max_vocab_size)
 
     if vocab_size is None:
         raise TokenizerError(f"The {level!r} tokenizer is trained to a target size: set data.vocab_size (e.g. 8000).")
@@ -158,8 +172,9 @@ def train_tokenizer(
         )
     elif level == "unigram":
         tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
+        # prepend_scheme="always" would read " the" and "the" alike and lose a document's leading space.
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        tok.decoder = decoders.Metaspace(prepend_scheme="never")
         trainer = trainers.UnigramTrainer(
             vocab_size=vocab_size, special_tokens=[UNK, EOS], unk_token=UNK, show_progress=False
         )
@@ -217,6 +232,8 @@ class Encoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.separator = ensure_separator(tokenizer)
+        # Special tokens spelled out in the text are text: only the pipeline inserts separators.
+        tokenizer.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         spec = json.loads(tokenizer.to_str())
         self._table: np.ndarray | None = None
