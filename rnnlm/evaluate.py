@@ -14,6 +14,7 @@ import math
 import lightning as L
 import torch
 
+from rnnlm.cpu import keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bptt", type=int, default=None, help="chunk length (default: as in training)")
     p.add_argument("--accelerator", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    keep_freed_memory()
     result = evaluate(args.checkpoint, args.split, args.source, args.config_name, args.batch_size, args.bptt,
                       args.accelerator)
     print(

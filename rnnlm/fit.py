@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rnnlm.callbacks import TextSample
+from rnnlm.cpu import keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 
@@ -44,6 +45,7 @@ class RNNLMCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()
     cli = RNNLMCLI(
         LanguageModel,
         LMDataModule,

@@ -63,6 +63,7 @@ class LanguageModel(L.LightningModule):
         self._state: dict[str, State | None] = {}
         self._eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.tokenizer_json: str | None = None
+        self._encoder: tuple[str, Encoder] | None = None
         self.chars_per_token: dict[str, float] = {}
         self._tps: tuple[float, int] | None = None
 
@@ -85,7 +86,9 @@ class LanguageModel(L.LightningModule):
     def encoder(self) -> Encoder:
         if self.tokenizer_json is None:
             raise RuntimeError("This model has no tokenizer yet: train it with LMDataModule or load a checkpoint.")
-        return Encoder(Tokenizer.from_str(self.tokenizer_json))
+        if self._encoder is None or self._encoder[0] != self.tokenizer_json:
+            self._encoder = (self.tokenizer_json, Encoder(Tokenizer.from_str(self.tokenizer_json)))
+        return self._encoder[1]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings and numbers only, so the checkpoint alone is enough to generate or evaluate.

@@ -23,7 +23,7 @@ UNK = "<unk>"
 EOS = "<eos>"
 LEVELS = ("char", "byte", "word", "bpe", "unigram", "wordpiece")
 # Names under which pretrained tokenizers commonly spell their end-of-document token.
-_KNOWN_SEPARATORS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]", "<eos>")
+_KNOWN_SEPARATORS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 
 
 class TokenizerError(ValueError):
@@ -244,7 +244,7 @@ class Encoder:
             chars = {k: v for k, v in vocab.items() if len(k) == 1}
             top = max((ord(c) for c in chars), default=0)
             self._unk = vocab[spec["model"]["unk_token"]]
-            self._table = np.full(top + 1, self._unk, dtype=np.int64)
+            self._table = np.full(top + 1, self._unk, dtype=np.int32)
             for c, i in chars.items():
                 self._table[ord(c)] = i
             self.path = "char-table"
