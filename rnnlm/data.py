@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -162,17 +163,22 @@ class LMDataModule(L.LightningDataModule):
             CACHE_VERSION, self.corpus.keys["train"], hp.tokenizer, hp.target_vocab_size, hp.min_frequency, cap
         )
         path = self.cache_dir / "tokenizers" / f"{hp.tokenizer}-{key}" / "tokenizer.json"
-        if path.exists():
-            rank_zero_info(f"rnnlm: tokenizer loaded from cache {path}")
-            return Tokenizer.from_file(str(path))
-        start = time.perf_counter()
-        texts = (t for batch in self.corpus.texts("train") for t in batch)
-        tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, tok.to_str(pretty=True))
-        rank_zero_info(
+        # Every process of a job (torchrun starts them all at once) asks for the tokenizer: one trains it, the
+        # others wait for the lock and load what it wrote.
+        with FileLock(str(path.parent) + ".lock"):
+            if path.exists():
+                rank_zero_info(f"rnnlm: tokenizer loaded from cache {path}")
+                return Tokenizer.from_file(str(path))
+            start = time.perf_counter()
+            texts = (t for batch in self.corpus.texts("train") for t in batch)
+            tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
+            _atomic_write(path, tok.to_str(pretty=True))
+        # Said by whichever process did the work, so a log shows that it happened once.
+        print(
             f"rnnlm: trained {hp.tokenizer} tokenizer ({tok.get_vocab_size()} entries) in "
-            f"{time.perf_counter() - start:.1f}s, saved to {path}"
+            f"{time.perf_counter() - start:.1f}s, saved to {path}",
+            flush=True,
         )
         return tok
 
@@ -185,14 +191,14 @@ class LMDataModule(L.LightningDataModule):
         """Encode every split once and cache the ids on disk (runs in one process per node)."""
         for split in self.corpus.splits:
             folder = self._cache_path(split)
-            if (folder / "meta.json").exists():
-                self.cache_hits[split] = True
-                continue
-            self.cache_hits[split] = False
-            self._encode_split(split, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            # Several nodes may share the cache folder: one encodes, the others wait and reuse it.
+            with FileLock(str(folder) + ".lock"):
+                self.cache_hits[split] = (folder / "meta.json").exists()
+                if not self.cache_hits[split]:
+                    self._encode_split(split, folder)
 
     def _encode_split(self, split: str, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         enc = self.encoder
         ds = self.corpus.splits[split]
         tmp = folder / f".ids.bin.tmp{os.getpid()}"
@@ -223,9 +229,10 @@ class LMDataModule(L.LightningDataModule):
             "seconds": round(time.perf_counter() - start, 3),
         }
         _atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
-        rank_zero_info(
+        print(
             f"rnnlm: encoded {split}: {n_tokens:,} tokens from {n_chars:,} characters in {meta['seconds']:.1f}s "
-            f"({enc.path}) -> {folder}"
+            f"({enc.path}) -> {folder}",
+            flush=True,
         )
 
     def _load_split(self, split: str) -> None:
