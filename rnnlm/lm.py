@@ -23,7 +23,6 @@ from rnnlm.model import RNNLM, State, detach_state
 from rnnlm.tokenization import Encoder
 
 LN2 = math.log(2)
-STAGES = {"train": "train", "validate": "val", "test": "test"}
 
 
 class LanguageModel(L.LightningModule):
