@@ -55,6 +55,7 @@ class LMDataModule(L.LightningDataModule):
         batch_size: streams per rank; each rank trains ``batch_size`` rows in parallel.
         bptt: chunk length T: backpropagation runs through T steps, the state is carried further.
         eval_batch_size: streams per rank for validation and test (default: batch_size).
+        bidirectional: also serve the backward direction's chunks (set from model.bidirectional by the CLI).
         cache_dir: where tokenizers and token ids are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
     """
 
@@ -76,6 +77,7 @@ class LMDataModule(L.LightningDataModule):
         batch_size: int = 32,
         bptt: int = 64,
         eval_batch_size: int | None = None,
+        bidirectional: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -308,7 +310,7 @@ class LMDataModule(L.LightningDataModule):
         rows = rank_rows(self.ids[split], batch_size, world, rank)
         trainer = self.trainer
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return ChunkLoader(rows, bptt, pin_memory=pin)
+        return ChunkLoader(rows, bptt, pin_memory=pin, bidirectional=self.hparams.bidirectional)
 
     def chars_per_token(self, split: str) -> float:
         st = self.stats[split]

@@ -51,6 +51,12 @@ def evaluate(
         "bits_per_token": loss / math.log(2),
         "bpc": metrics.get("test/bpc"),
         "bits_per_byte": loss / math.log(2) / data.bytes_per_token(split),
+        **{
+            f"{direction}_{name}": metrics[f"test/{direction}/{key}"]
+            for direction in ("forward", "backward")
+            for name, key in (("loss", "loss"), ("ppl", "ppl"), ("bpc", "bpc"))
+            if f"test/{direction}/{key}" in metrics
+        },
         "batch_size": loader.rows.shape[0],
         "bptt": loader.bptt,
     }
@@ -77,6 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"  bits per char   {result['bpc']:.4f}\n"
         f"  bits per byte   {result['bits_per_byte']:.4f}"
     )
+    if "backward_loss" in result:
+        print("  (loss is the mean of the two directions)")
+        for direction in ("forward", "backward"):
+            print(f"  {direction:<8} loss {result[direction + '_loss']:.4f}  ppl {result[direction + '_ppl']:.2f}  "
+                  f"bpc {result[direction + '_bpc']:.4f}")
     print(json.dumps(result))
     return result
 

@@ -27,6 +27,8 @@ class RNNLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module knows the vocabulary (it builds the tokenizer on demand); the user never repeats it.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        # A bidirectional model needs the backward chunks; the user sets it once, on the model.
+        parser.link_arguments("model.bidirectional", "data.bidirectional")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Checkpoint to resume from (a path, or 'last').")
         parser.add_argument("--test_after_fit", type=bool, default=True,

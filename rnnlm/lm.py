@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rnnlm import __version__
-from rnnlm.model import RNNLM, State, detach_state
+from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state
 from rnnlm.tokenization import Encoder
 
 LN2 = math.log(2)
@@ -43,6 +43,8 @@ class LanguageModel(L.LightningModule):
         dropout_between: float = 0.0,
         dropout_output: float = 0.0,
         tie_weights: bool = False,
+        bidirectional: bool = False,
+        share_directions: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -57,10 +59,14 @@ class LanguageModel(L.LightningModule):
             dropout_between=dropout_between,
             dropout_output=dropout_output,
             tie_weights=tie_weights,
+            bidirectional=bidirectional,
+            share_directions=share_directions,
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
-        self._eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self._eval_loss = torch.nn.ModuleDict(
+            {f"{stage}_{direction}": MeanMetric() for stage in ("val", "test") for direction in DIRECTIONS}
+        )
         self.tokenizer_json: str | None = None
         self._encoder: tuple[str, Encoder] | None = None
         self.chars_per_token: dict[str, float] = {}
@@ -71,6 +77,11 @@ class LanguageModel(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "encoder"):
             return
+        if dm.hparams.bidirectional != self.hparams.bidirectional:
+            raise ValueError(
+                f"model.bidirectional={self.hparams.bidirectional} but data.bidirectional={dm.hparams.bidirectional}: "
+                "a bidirectional model needs the data module's backward chunks (the CLI links the two)."
+            )
         if dm.vocab_size != self.hparams.vocab_size:
             raise ValueError(
                 f"The model was built for {self.hparams.vocab_size} tokens but the data's tokenizer has "
@@ -102,32 +113,48 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_json = extra.get("tokenizer")
         self.chars_per_token = dict(extra.get("chars_per_token", {}))
 
-    def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        return self.model(idx, state)
+    def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
+        return self.model(idx, state, direction)
 
     # ----------------------------------------------------------------------------------------- steps
-    def _step(self, stage: str, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        state = self._state.get(stage)
+    def _direction_loss(self, key: str, direction: str, x: Tensor, y: Tensor) -> Tensor:
+        state = self._state.get(key)
         if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
             state = None  # a different number of streams: nothing to carry
-        logits, state = self.model(x, state)
-        self._state[stage] = detach_state(state)
+        logits, state = self.model(x, state, direction)
+        self._state[key] = detach_state(state)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
-    def _metrics(self, stage: str, loss: Tensor) -> dict[str, Tensor]:
-        metrics = {
-            f"{stage}/loss": loss,
-            f"{stage}/ppl": torch.exp(loss),
-            f"{stage}/bits_per_token": loss / LN2,
-        }
-        if stage in self.chars_per_token:
-            metrics[f"{stage}/bpc"] = loss / LN2 / self.chars_per_token[stage]
+    def _losses(self, stage: str, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Loss of each direction on this chunk, carrying each direction's state within ``stage``."""
+        losses = {"forward": self._direction_loss(stage, "forward", batch[0], batch[1])}
+        if self.model.bidirectional:
+            if len(batch) != 4:
+                raise ValueError(
+                    "A bidirectional model needs the backward chunks too: use LMDataModule(bidirectional=True) "
+                    "(the CLI sets it from model.bidirectional)."
+                )
+            losses["backward"] = self._direction_loss(f"{stage}/backward", "backward", batch[2], batch[3])
+        return losses
+
+    def _metrics(self, stage: str, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """loss (mean of the directions), ppl, bits per token and per character; per direction when there are two."""
+        named = {f"{stage}/": sum(losses.values()) / len(losses)}
+        if len(losses) > 1:
+            named.update({f"{stage}/{direction}/": loss for direction, loss in losses.items()})
+        metrics = {}
+        for prefix, loss in named.items():
+            metrics[prefix + "loss"] = loss
+            metrics[prefix + "ppl"] = torch.exp(loss)
+            metrics[prefix + "bits_per_token"] = loss / LN2
+            if stage in self.chars_per_token:
+                metrics[prefix + "bpc"] = loss / LN2 / self.chars_per_token[stage]
         return metrics
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step("train", batch)
-        metrics = self._metrics("train", loss.detach())
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        losses = self._losses("train", batch)
+        loss = sum(losses.values()) / len(losses)
+        metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
         self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -147,30 +174,40 @@ class LanguageModel(L.LightningModule):
         else:
             self._tps = (t0, seen)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_loss["val"].update(self._step("val", batch), weight=batch[1].numel())
+    def _eval_step(self, stage: str, batch: tuple[Tensor, ...]) -> None:
+        for direction, loss in self._losses(stage, batch).items():
+            self._eval_loss[f"{stage}_{direction}"].update(loss, weight=batch[1].numel())
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_loss["test"].update(self._step("test", batch), weight=batch[1].numel())
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._eval_step("test", batch)
 
     def _log_eval(self, stage: str) -> None:
-        metric = self._eval_loss[stage]
-        if metric.update_count == 0:
-            return
-        loss = metric.compute()  # token-weighted mean over all batches, reduced across ranks
-        metric.reset()
-        self.log_dict(self._metrics(stage, loss), prog_bar=(stage == "val"), sync_dist=False)
+        losses = {}
+        for direction in DIRECTIONS:
+            metric = self._eval_loss[f"{stage}_{direction}"]
+            if metric.update_count:
+                losses[direction] = metric.compute()  # token-weighted mean over all batches and ranks
+                metric.reset()
+        if losses:
+            self.log_dict(self._metrics(stage, losses), prog_bar=(stage == "val"), sync_dist=False)
 
     # ----------------------------------------------------------------------------------------- epoch hooks
+    def _reset_state(self, stage: str) -> None:
+        for key in [k for k in self._state if k.split("/")[0] == stage]:
+            del self._state[key]
+
     def on_train_epoch_start(self) -> None:
-        self._state.pop("train", None)
+        self._reset_state("train")
         self._tps = None
 
     def on_validation_epoch_start(self) -> None:
-        self._state.pop("val", None)
+        self._reset_state("val")
 
     def on_test_epoch_start(self) -> None:
-        self._state.pop("test", None)
+        self._reset_state("test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

@@ -12,6 +12,13 @@ where x_t is a fixed one-hot vector and W_xh is the RNN's own input weight. With
 
 The hidden state is an explicit input and output of ``forward`` so that any caller can carry it across chunks
 (truncated BPTT); ``h_0`` is zeros when no state is given.
+
+``bidirectional=True`` adds a second, independent recurrent stack that reads the stream right to left and
+predicts the previous token (a backward language model, as in ELMo). It is deliberately *not*
+``nn.LSTM(bidirectional=True)``: that module feeds both directions' outputs to the next layer, so from layer 2 on
+the forward direction would see the tokens it predicts. The backward stack is called with ``direction="backward"``
+on an input that is already in reversed order (the data pipeline serves reversed chunks), so both directions run
+on the fused kernels and carry their own state.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ State = Union[Tensor, tuple[Tensor, Tensor]]  # noqa: UP007 - a runtime alias, P
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 INPUT_MODES = ("embedding", "one_hot")
+DIRECTIONS = ("forward", "backward")
 
 
 def detach_state(state: State | None) -> State | None:
@@ -63,6 +71,9 @@ class RNNLM(nn.Module):
         dropout_output: dropout on the top layer's output, before the decoder.
         tie_weights: share the embedding table with the decoder (Press & Wolf 2017; Inan et al. 2017). When
             ``hidden_size != embedding_dim`` a linear projection maps the hidden state to the embedding size.
+        bidirectional: add an independent backward stack (a right-to-left language model).
+        share_directions: the backward direction shares the forward one's embedding and output layer (as in
+            ELMo); ``False`` gives it its own.
     """
 
     def __init__(
@@ -77,6 +88,8 @@ class RNNLM(nn.Module):
         dropout_between: float = 0.0,
         dropout_output: float = 0.0,
         tie_weights: bool = False,
+        bidirectional: bool = False,
+        share_directions: bool = True,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -105,15 +118,22 @@ class RNNLM(nn.Module):
         self.vocab_size = vocab_size
         self.cell = cell
         self.input_mode = input_mode
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self._sizes = (vocab_size, embedding_dim, hidden_size, num_layers, dropout_between, tie_weights)
 
-        if input_mode == "embedding":
-            self.embedding: nn.Embedding | None = nn.Embedding(vocab_size, embedding_dim)
-            input_size = embedding_dim
-        else:
-            self.embedding = None
-            input_size = vocab_size
         self.drop_in = nn.Dropout(dropout_embedding)
+        self.drop_out = nn.Dropout(dropout_output)
+        self.embedding, self.rnn, self.projection, self.decoder = self._direction_modules(share=None)
+        if bidirectional:
+            shared = (self.embedding, self.projection, self.decoder) if share_directions else None
+            parts = self._direction_modules(share=shared)
+            self.embedding_backward, self.rnn_backward, self.projection_backward, self.decoder_backward = parts
 
+    def _direction_modules(self, share: tuple | None) -> tuple:
+        """Embedding, recurrent stack, projection and decoder of one direction (input/output layers shared or new)."""
+        vocab_size, embedding_dim, hidden_size, num_layers, dropout_between, tie_weights = self._sizes
+        input_size = embedding_dim if self.input_mode == "embedding" else vocab_size
         rnn_kwargs = dict(
             input_size=input_size,
             hidden_size=hidden_size,
@@ -121,47 +141,95 @@ class RNNLM(nn.Module):
             dropout=dropout_between if num_layers > 1 else 0.0,
             batch_first=True,
         )
-        if cell == "lstm":
-            self.rnn: nn.RNNBase = nn.LSTM(**rnn_kwargs)
-        elif cell == "gru":
-            self.rnn = nn.GRU(**rnn_kwargs)
+        if self.cell == "lstm":
+            rnn: nn.RNNBase = nn.LSTM(**rnn_kwargs)
+        elif self.cell == "gru":
+            rnn = nn.GRU(**rnn_kwargs)
         else:
-            self.rnn = nn.RNN(nonlinearity=cell.removeprefix("rnn_"), **rnn_kwargs)
-        self.drop_out = nn.Dropout(dropout_output)
+            rnn = nn.RNN(nonlinearity=self.cell.removeprefix("rnn_"), **rnn_kwargs)
+        if share is not None:
+            embedding, projection, decoder = share
+            return embedding, rnn, projection, decoder
 
+        embedding = nn.Embedding(vocab_size, embedding_dim) if self.input_mode == "embedding" else None
         # Tying needs the decoder input to have the embedding's size.
+        projection = None
         if tie_weights and hidden_size != embedding_dim:
-            self.projection: nn.Linear | None = nn.Linear(hidden_size, embedding_dim, bias=False)
-            decoder_in = embedding_dim
-        else:
-            self.projection = None
-            decoder_in = hidden_size
-        self.decoder = nn.Linear(decoder_in, vocab_size)
-
-        self._init_weights()
-        if tie_weights:
-            self.decoder.weight = self.embedding.weight  # type: ignore[union-attr]
-
-    def _init_weights(self) -> None:
+            projection = nn.Linear(hidden_size, embedding_dim, bias=False)
+        decoder = nn.Linear(embedding_dim if projection is not None else hidden_size, vocab_size)
         # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
         # torch's default U(-1/sqrt(H), 1/sqrt(H)).
-        if self.embedding is not None:
-            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        if embedding is not None:
+            nn.init.uniform_(embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(decoder.bias)
+        if tie_weights:
+            decoder.weight = embedding.weight  # type: ignore[union-attr]
+        return embedding, rnn, projection, decoder
 
-    def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """Map token ids ``[B, T]`` to next-token logits ``[B, T, V]`` and the state after the last step."""
-        if self.embedding is not None:
-            x = self.embedding(idx)
-        else:
-            x = F.one_hot(idx, self.vocab_size).to(self.decoder.weight.dtype)
-        x = self.drop_in(x)
-        h, state = self.rnn(x, state)
+    def _parts(self, direction: str) -> tuple:
+        if direction == "forward":
+            return self.embedding, self.rnn, self.projection, self.decoder
+        if direction == "backward" and self.bidirectional:
+            return self.embedding_backward, self.rnn_backward, self.projection_backward, self.decoder_backward
+        raise ValueError(
+            f"direction must be one of {DIRECTIONS} (backward needs bidirectional=True), got {direction!r}"
+        )
+
+    def embed(self, idx: Tensor, direction: str = "forward") -> Tensor:
+        """Input vectors x_t of the ids (an embedding row, or the fixed one-hot vector)."""
+        embedding = self._parts(direction)[0]
+        if embedding is None:
+            return F.one_hot(idx, self.vocab_size).to(self.decoder.weight.dtype)
+        return embedding(idx)
+
+    def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
+        """Map token ids ``[B, T]`` to logits ``[B, T, V]`` of the next token and the state after the last step.
+
+        ``direction="backward"`` runs the backward stack; give it the ids in reversed order, and its "next" token
+        is then the previous one of the original order.
+        """
+        _, rnn, projection, decoder = self._parts(direction)
+        x = self.drop_in(self.embed(idx, direction))
+        h, state = rnn(x, state)
         h = self.drop_out(h)
-        if self.projection is not None:
-            h = self.projection(h)
-        return self.decoder(h), state
+        if projection is not None:
+            h = projection(h)
+        return decoder(h), state
+
+    def layer_outputs(self, x: Tensor, direction: str = "forward") -> list[Tensor]:
+        """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given (eval use).
+
+        The fused module only returns its top layer, so each layer is run on its own with that layer's weights.
+        """
+        rnn = self._parts(direction)[1]
+        outputs, h = [], x
+        for layer in range(rnn.num_layers):
+            kwargs = {**_rnn_kwargs(rnn), "num_layers": 1}
+            if layer > 0:
+                kwargs["input_size"] = rnn.hidden_size
+            single = type(rnn)(**kwargs).to(x.device)  # a one-layer shell; functional_call supplies the weights
+            weights = {
+                name.removesuffix(f"_l{layer}") + "_l0": p
+                for name, p in rnn.named_parameters()
+                if name.endswith(f"_l{layer}")
+            }
+            h, _ = torch.func.functional_call(single, weights, (h,))
+            outputs.append(h)
+        return outputs
+
+    def representations(self, idx: Tensor, all_layers: bool = False) -> Tensor | list[Tensor]:
+        """Contextual vectors of a bidirectional model for each position of ``idx`` ``[B, T]``.
+
+        Position t gets the forward state after reading tokens <= t concatenated with the backward state after
+        reading tokens >= t (right to left): ``[B, T, 2H]`` for the top layer, or one such tensor per layer.
+        """
+        if not self.bidirectional:
+            raise ValueError("representations() needs a bidirectional model (bidirectional=True).")
+        fwd = self.layer_outputs(self.embed(idx, "forward"), "forward")
+        bwd = self.layer_outputs(self.embed(idx.flip(1), "backward"), "backward")
+        both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd)]
+        return both if all_layers else both[-1]
 
     @torch.no_grad()
     def generate(
@@ -201,3 +269,10 @@ class RNNLM(nn.Module):
         if not out:
             return prompt.new_empty(prompt.size(0), 0)
         return torch.cat(out, dim=1)
+
+
+def _rnn_kwargs(rnn: nn.RNNBase) -> dict:
+    kwargs = dict(input_size=rnn.input_size, hidden_size=rnn.hidden_size, batch_first=rnn.batch_first, bias=rnn.bias)
+    if isinstance(rnn, nn.RNN):
+        kwargs["nonlinearity"] = rnn.nonlinearity
+    return kwargs

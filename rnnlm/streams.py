@@ -15,6 +15,11 @@ number of chunks, which DDP needs (ranks with different numbers of batches hang)
     rows (B=2, L=6):   row 0: t0 t1 t2 t3 t4 t5      chunk 0 (T=2): x=[t0 t1] y=[t1 t2]   chunk 1: x=[t2 t3] ...
                        row 1: t6 t7 t8 t9 t10 t11                   x=[t6 t7] y=[t7 t8]            x=[t8 t9] ...
 
+For a bidirectional model each batch also carries the backward direction's chunk k, cut the same way from the
+rows read right to left (``rows[:, ::-1]``): its targets are the previous tokens, its chunks follow each other
+with no gap and no overlap, so the backward state is carried too, and every token but the last of each row is a
+backward target exactly once per epoch.
+
 :class:`ChunkLoader` is a plain iterable rather than a ``DataLoader``: Lightning injects a (shuffling)
 ``DistributedSampler`` into ``DataLoader`` objects under DDP, but leaves other iterables alone, so nothing can
 re-order the chunks whatever the Trainer flags are. Batches are copied out of the memory-mapped ids one chunk
@@ -42,14 +47,18 @@ def rank_rows(ids: np.ndarray, batch_size: int, world_size: int = 1, rank: int =
 
 
 class ChunkLoader:
-    """Serves ``(x, y)`` int64 tensors of shape ``[B, T]`` in stream order, never shuffled."""
+    """Serves ``(x, y)`` int64 tensors of shape ``[B, T]`` in stream order, never shuffled.
 
-    def __init__(self, rows: np.ndarray, bptt: int, pin_memory: bool = False) -> None:
+    With ``bidirectional=True`` it serves ``(x, y, x_backward, y_backward)``, the last two from the reversed rows.
+    """
+
+    def __init__(self, rows: np.ndarray, bptt: int, pin_memory: bool = False, bidirectional: bool = False) -> None:
         if rows.ndim != 2 or rows.shape[1] < 2:
             raise ValueError(f"need rows of at least 2 tokens, got shape {rows.shape}")
         self.rows = rows
         self.bptt = bptt
         self.pin_memory = pin_memory
+        self.bidirectional = bidirectional
 
     def __len__(self) -> int:
         return -(-(self.rows.shape[1] - 1) // self.bptt)
@@ -59,11 +68,18 @@ class ChunkLoader:
         """Targets per epoch on this rank."""
         return self.rows.shape[0] * (self.rows.shape[1] - 1)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _chunk(self, rows: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = k * self.bptt
+        block = torch.from_numpy(np.ascontiguousarray(rows[:, start : start + self.bptt + 1], np.int64))
+        x, y = block[:, :-1].contiguous(), block[:, 1:].contiguous()
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        reversed_rows = self.rows[:, ::-1]
         for k in range(len(self)):
-            start = k * self.bptt
-            block = torch.from_numpy(np.ascontiguousarray(self.rows[:, start : start + self.bptt + 1], np.int64))
-            x, y = block[:, :-1].contiguous(), block[:, 1:].contiguous()
-            if self.pin_memory:
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x, y
+            if self.bidirectional:
+                yield (*self._chunk(self.rows, k), *self._chunk(reversed_rows, k))
+            else:
+                yield self._chunk(self.rows, k)
