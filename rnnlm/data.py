@@ -312,6 +312,28 @@ class LMDataModule(L.LightningDataModule):
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return ChunkLoader(rows, bptt, pin_memory=pin, bidirectional=self.hparams.bidirectional)
 
+    def facts(self) -> dict:
+        """What a run trains on, for experiment tracking (plain types)."""
+        world, _ = self._world
+        return {
+            "source": self.hparams.source,
+            "config_name": self.hparams.config_name,
+            "tokenizer": self.hparams.tokenizer,
+            "vocab_size": self.vocab_size,
+            "world_size": world,
+            "streams": self.hparams.batch_size * world,
+            "bptt": self.hparams.bptt,
+            "splits": {
+                split: {
+                    "tokens": st["tokens"],
+                    "characters": st["characters"],
+                    "chunks_per_epoch": len(self.loader(split)),
+                    "cache": "hit" if self.cache_hits.get(split, True) else "miss",
+                }
+                for split, st in self.stats.items()
+            },
+        }
+
     def chars_per_token(self, split: str) -> float:
         st = self.stats[split]
         return st["characters"] / max(st["tokens"], 1)

@@ -9,15 +9,20 @@ the model (``--model.*``), the Trainer (``--trainer.*``), the optimizer and lear
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
+from rnnlm import __version__
 from rnnlm.callbacks import TextSample
 from rnnlm.cpu import keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
+from rnnlm.tracking import choose_wandb_mode
 
 # The CLI's optimizer/lr_scheduler settings replace the module's fallback optimizer; that is the intent.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
@@ -44,10 +49,25 @@ class RNNLMCLI(LightningCLI):
         )
         parser.add_lightning_class_args(TextSample, "sample")
 
+    def before_instantiate_classes(self) -> None:
+        # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder.
+        config = self.config
+        files = config.get("config") or []
+        stem = Path(str(files[0])).stem if files else "rnnlm"
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                args = logger.init_args
+                if not args.get("name"):
+                    args.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+                if args.get("save_dir") in (None, "."):
+                    args.save_dir = config.trainer.default_root_dir or "runs"
+
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()
+    wandb_mode = choose_wandb_mode()
     cli = RNNLMCLI(
         LanguageModel,
         LMDataModule,
@@ -58,6 +78,13 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         parser_kwargs={"description": __doc__},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    for logger in trainer.loggers:
+        # The full resolved configuration and the package version, besides the hparams Lightning logs itself.
+        logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_mode == "offline":
+            run_dir = Path(logger.experiment.dir).parent
+            print(f"rnnlm: W&B is offline (no credentials found or WANDB_MODE=offline): the run is in {run_dir}; "
+                  f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)

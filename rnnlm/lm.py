@@ -91,6 +91,19 @@ class LanguageModel(L.LightningModule):
         for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
             if split in dm.stats:
                 self.chars_per_token[name] = dm.chars_per_token(split)
+        self._data_facts = dm.facts()
+
+    def on_fit_start(self) -> None:
+        facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": getattr(self, "_data_facts", {})}
+        for logger in self.loggers:
+            logger.log_hyperparams(facts)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The global gradient norm before clipping (the hook runs before the Trainer clips); logged as a tensor,
+        # so it costs no device sync.
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
 
     @property
     def encoder(self) -> Encoder:

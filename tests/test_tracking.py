@@ -1,0 +1,172 @@
+"""Experiment tracking with real W&B runs in offline mode (never mocked), CSV logs and the curve plotter."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rnnlm.fit import main as fit_main
+from rnnlm.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def _tiny(corpus: Path, out: Path, steps: int = 6) -> list[str]:
+    return [
+        "--config", str(QUICKSTART),
+        "--data.source", str(corpus),
+        "--data.cache_dir", str(out / "cache"),
+        "--data.batch_size", "2", "--data.eval_batch_size", "2", "--data.bptt", "8",
+        "--model.embedding_dim", "8", "--model.hidden_size", "16",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "3", "--trainer.limit_test_batches", "3",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(out),
+        "--sample.max_new_tokens", "12",
+    ]  # fmt: skip
+
+
+def _records(run_dir: Path) -> dict[str, list]:
+    by_kind: dict[str, list] = {}
+    for record in read_wandb_records(next(run_dir.glob("run-*.wandb"))):
+        by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
+    return by_kind
+
+
+def _items(items) -> dict[str, object]:
+    return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_offline_run_holds_the_config_metrics_and_samples(corpus_dir, tmp_path, offline, capsys):
+    import wandb
+
+    loggers = json.dumps([
+        {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "rnnlm-test"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}},
+    ])  # fmt: skip
+    cli = fit_main([*_tiny(corpus_dir, tmp_path), "--trainer.logger", loggers])
+    wandb.finish()
+    out = capsys.readouterr().out
+    assert "W&B is offline" in out and "wandb sync" in out
+
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = _records(runs[0])
+
+    config = {}
+    for record in records["config"]:
+        config.update(_items(record.config.update))
+    assert config["rnnlm_version"]
+    assert config["config"]["data"]["source"] == str(corpus_dir)
+    assert config["config"]["model"]["hidden_size"] == 16
+    assert config["parameters"] == sum(p.numel() for p in cli.model.parameters())
+    assert config["data"]["splits"]["train"]["tokens"] == cli.datamodule.stats["train"]["tokens"]
+    assert config["data"]["streams"] == 2 and config["data"]["tokenizer"] == "char"
+
+    # Per-step training metrics hold what the trainer computed (the CSV logger saw the same values).
+    history = [_items(r.history.item) for r in records["history"]]
+    wandb_loss = {int(h["trainer/global_step"]): h["train/loss"] for h in history if "train/loss" in h}
+    csv_rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    csv_loss = {int(r["step"]): float(r["train/loss"]) for r in csv_rows if r.get("train/loss")}
+    assert len(wandb_loss) == 6 and wandb_loss.keys() == csv_loss.keys()
+    for step, value in csv_loss.items():
+        assert wandb_loss[step] == pytest.approx(value, rel=1e-6)
+    step_keys = set().union(*history)
+    for key in ("train/ppl", "train/bpc", "lr", "train/grad_norm", "val/loss", "val/ppl", "val/bpc"):
+        assert key in step_keys, key
+
+    # The samples table: one row per validation pass plus the final sample, as the callback produced them.
+    sampler = next(c for c in cli.trainer.callbacks if type(c).__name__ == "TextSample")
+    tables = sorted(runs[0].glob("files/media/table/samples_*.table.json"), key=lambda p: p.stat().st_mtime)
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["step", "prompt", "continuation", "temperature"]
+    assert last["data"] == [list(row) for row in sampler.samples]
+    assert len(last["data"]) == 3  # validations at steps 3 and 6, and the end
+
+    # The test metrics end up in the run summary.
+    summary = {}
+    for record in records["summary"]:
+        summary.update(_items(record.summary.update))
+    assert summary["test/loss"] == pytest.approx(float(cli.trainer.callback_metrics["test/loss"]), rel=1e-6)
+
+
+def test_no_credentials_and_no_mode_goes_offline_at_once(corpus_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rnnlm.fit", *_tiny(corpus_dir, tmp_path, steps=2)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B is offline" in proc.stdout
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert elapsed < 90  # seconds, not the ~100 s wait plus failure of an online attempt without network
+
+
+def test_disabled_mode_writes_no_run(corpus_dir, tmp_path):
+    # A fresh process: wandb keeps the mode of its first run for the rest of a process.
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "rnnlm.fit", *_tiny(corpus_dir, tmp_path, steps=2)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Trainer.fit` stopped: `max_steps=2` reached" in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("offline-run-*")) and not list(tmp_path.rglob("*.wandb"))
+
+
+def test_log_model_offline_does_not_crash(corpus_dir, tmp_path, offline):
+    import wandb
+
+    cli = fit_main([*_tiny(corpus_dir, tmp_path, steps=3), "--trainer.logger.init_args.log_model", "true"])
+    wandb.finish()
+    assert Path(cli.trainer.checkpoint_callback.best_model_path).is_file()
+
+
+def test_ddp_job_makes_one_run(corpus_dir, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rnnlm.fit", *_tiny(corpus_dir, tmp_path, steps=3),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--sample.max_new_tokens", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_mode_choice(tmp_path, monkeypatch):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not has_wandb_credentials()
+    assert choose_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    assert has_wandb_credentials()
+    assert choose_wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert choose_wandb_mode() == "disabled"  # the user's choice wins
+
+
+def test_plot_curves_from_csv_logs(corpus_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plot_curves import plot_curves
+
+    fit_main([*_tiny(corpus_dir, tmp_path), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir", str(tmp_path / "csv")])
+    metrics = next((tmp_path / "csv").rglob("metrics.csv"))
+    png = tmp_path / "curves.png"
+    drawn = plot_curves(metrics, png)
+    assert set(drawn) == {f"{s}/{m}" for s in ("train", "val") for m in ("loss", "ppl", "bpc")}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
