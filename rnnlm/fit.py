@@ -87,13 +87,19 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
-    trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
-    if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=data, ckpt_path=best or None)
-    if trainer.is_global_zero and trainer.checkpoint_callback is not None:
-        ckpt = trainer.checkpoint_callback
-        print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=data, ckpt_path=best or None)
+        if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+            ckpt = trainer.checkpoint_callback
+            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+    finally:
+        # One call of main is one run: close it, or a later run in the same process would write into it.
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish()
     return cli
 
 
