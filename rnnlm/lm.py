@@ -70,6 +70,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_json: str | None = None
         self._encoder: tuple[str, Encoder] | None = None
         self.chars_per_token: dict[str, float] = {}
+        self._data_facts: dict = {}
         self._tps: tuple[float, int] | None = None
 
     # ----------------------------------------------------------------------------------------- plumbing
@@ -94,7 +95,7 @@ class LanguageModel(L.LightningModule):
         self._data_facts = dm.facts()
 
     def on_fit_start(self) -> None:
-        facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": getattr(self, "_data_facts", {})}
+        facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": self._data_facts}
         for logger in self.loggers:
             logger.log_hyperparams(facts)
 
