@@ -171,7 +171,9 @@ class LanguageModel(L.LightningModule):
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
         self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(metrics, on_step=True, on_epoch=False)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # A Python float becomes a device tensor when logged: only pay that copy on the steps that are written.
+            self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
