@@ -394,14 +394,13 @@ def test_eval_batch_size_and_too_small_splits(corpus_dir, tmp_path):
         dm.loader("validation", batch_size=10_000)
 
 
+def _cache_settings(corpus_dir, tmp_path) -> dict:
+    return {"source": str(corpus_dir), "tokenizer": "char", "batch_size": 4, "bptt": 8,
+            "cache_dir": str(tmp_path / "cache")}
+
+
 def test_cache_is_reused(corpus_dir, tmp_path, info_log, capsys):
-    settings = {
-        "source": str(corpus_dir),
-        "tokenizer": "char",
-        "batch_size": 4,
-        "bptt": 8,
-        "cache_dir": str(tmp_path / "cache"),
-    }
+    settings = _cache_settings(corpus_dir, tmp_path)
     first = LMDataModule(**settings)
     first.prepare_data()
     first.setup("fit")
@@ -424,13 +423,7 @@ def test_cache_is_reused(corpus_dir, tmp_path, info_log, capsys):
 
 
 def test_changed_training_text_is_a_cache_miss(corpus_dir, tmp_path, info_log):
-    settings = {
-        "source": str(corpus_dir),
-        "tokenizer": "char",
-        "batch_size": 4,
-        "bptt": 8,
-        "cache_dir": str(tmp_path / "cache"),
-    }
+    settings = _cache_settings(corpus_dir, tmp_path)
     first = LMDataModule(**settings)
     first.prepare_data()
     first.setup("fit")
@@ -455,13 +448,7 @@ def test_changed_training_text_is_a_cache_miss(corpus_dir, tmp_path, info_log):
     "and mtime: new content with the old mtime (cp -p, rsync -t, tar) serves the stale text and token cache",
 )
 def test_changed_text_with_the_same_mtime_is_a_cache_miss(corpus_dir, tmp_path):
-    settings = {
-        "source": str(corpus_dir),
-        "tokenizer": "char",
-        "batch_size": 4,
-        "bptt": 8,
-        "cache_dir": str(tmp_path / "cache"),
-    }
+    settings = _cache_settings(corpus_dir, tmp_path)
     first = LMDataModule(**settings)
     first.prepare_data()
     path = corpus_dir / "train.txt"
