@@ -2,26 +2,31 @@
 
 A LightningCLI without subcommands: the config file and dotted overrides set the data module (``--data.*``),
 the model (``--model.*``), the Trainer (``--trainer.*``), the optimizer and learning-rate scheduler
-(``--optimizer``, ``--lr_scheduler``), checkpointing (``--checkpoint.*``) and the closing text sample
-(``--sample.*``). ``--print_config`` shows the resolved configuration.
+(``--optimizer``, ``--lr_scheduler``), checkpointing (``--checkpoint.*``, and ``--resumable.*`` for the
+``last.ckpt`` that SIGTERM, Ctrl-C and a periodic timer write) and the closing text sample (``--sample.*``).
+``--print_config`` shows the resolved configuration. ``--ckpt_path last`` continues an interrupted run exactly.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import time
 import warnings
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm import __version__
 from rnnlm.callbacks import TextSample
+from rnnlm.checkpointing import CheckpointError, ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
 from rnnlm.cpu import keep_freed_memory
 from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel
+from rnnlm.lm import LanguageModel, NonFiniteLossError
 from rnnlm.tracking import choose_wandb_mode
 
 # The CLI's optimizer/lr_scheduler settings replace the module's fallback optimizer; that is the intent.
@@ -47,6 +52,7 @@ class RNNLMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
         parser.add_lightning_class_args(TextSample, "sample")
 
     def before_instantiate_classes(self) -> None:
@@ -87,20 +93,45 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()  # atomic writes, weights_only reads
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(model, datamodule=data, ckpt_path=best or None)
+            trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+    except TrainingInterrupted as stop:
+        if trainer.is_global_zero:
+            command = _resume_command(args, stop.path)
+            print(f"rnnlm: {stop}\nrnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    except (NonFiniteLossError, CheckpointError) as err:
+        if trainer.is_global_zero:
+            print(f"rnnlm: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         # One call of main is one run: close it, or a later run in the same process would write into it.
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish()
     return cli
+
+
+def _resume_command(args: list[str] | None, path: str) -> str:
+    """The command line of this run with ``--ckpt_path`` pointing at ``path``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "rnnlm.fit", *kept, "--ckpt_path", path])
 
 
 if __name__ == "__main__":

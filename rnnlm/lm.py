@@ -4,12 +4,18 @@ Each batch is one ``[B, T]`` chunk whose row b continues row b of the previous b
 state left by a chunk is detached and fed to the next one, so the model reads unbounded context while gradients
 flow through T steps only. Optimisation stays automatic, so the Trainer's gradient clipping, accumulation,
 mixed precision and LightningCLI's optimizer / lr_scheduler settings all keep working.
+
+A checkpoint holds everything a run needs to continue exactly where it stopped, mid-epoch included: besides
+what Lightning saves (weights, optimizer, schedulers, loop counters, the chunk loader's position) it carries the
+training stream's hidden state and the random-number generators' states of every process.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -19,16 +25,31 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rnnlm import __version__
+from rnnlm.checkpointing import CheckpointError, load_safely
 from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state
+from rnnlm.streams import ChunkLoader
 from rnnlm.tokenization import Encoder
 
 LN2 = math.log(2)
+NONFINITE_POLICIES = ("stop", "skip", "ignore")
+# Settings that change the shapes or meaning of the weights: a checkpoint only continues a run that agrees on them.
+ARCHITECTURE = ("vocab_size", "cell", "num_layers", "embedding_dim", "hidden_size", "input_mode", "tie_weights",
+                "bidirectional", "share_directions")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss or gradients became NaN or infinite."""
 
 
 class LanguageModel(L.LightningModule):
     """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``.
 
     ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it).
+
+    ``on_nonfinite`` says what a NaN or infinite training loss (or gradient) does: ``stop`` (default) writes a
+    checkpoint of the state before that step and stops with an explanation; ``skip`` drops the step (no weight
+    update, the carried state restarts from zeros) and goes on; ``ignore`` does not check, which saves one host
+    synchronisation per step on a GPU.
     """
 
     def __init__(
@@ -45,8 +66,11 @@ class LanguageModel(L.LightningModule):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
         self.save_hyperparameters()
         self.model = RNNLM(
             vocab_size=vocab_size,
@@ -72,6 +96,10 @@ class LanguageModel(L.LightningModule):
         self.chars_per_token: dict[str, float] = {}
         self._data_facts: dict = {}
         self._tps: tuple[float, int] | None = None
+        self._resume: dict | None = None  # what on_load_checkpoint read, applied when training resumes
+        self._before_step: dict = {}  # stream position and carried state before the current step
+        self._last_loss: Tensor | None = None
+        self.skipped_steps = 0
 
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
@@ -103,8 +131,56 @@ class LanguageModel(L.LightningModule):
         # The global gradient norm before clipping (the hook runs before the Trainer clips); logged as a tensor,
         # so it costs no device sync.
         norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        if self.hparams.on_nonfinite != "ignore":
+            self._check_finite(optimizer, grad_norm)
+
+    def _check_finite(self, optimizer, grad_norm: Tensor | None) -> None:
+        checks = [self._last_loss] if self._last_loss is not None else []
+        # With fp16 loss scaling, infinite gradients are routine: the GradScaler skips those steps itself.
+        if grad_norm is not None and "16-mixed" not in str(self.trainer.precision):
+            checks.append(grad_norm)
+        if not checks:
+            return
+        bad = not bool(torch.isfinite(torch.stack([c.float() for c in checks])).all())  # one host sync
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank acts alike
+        if not bad:
+            return
+        where = f"step {self.global_step} (epoch {self.current_epoch}, chunk {self._before_step.get('position')})"
+        if self.hparams.on_nonfinite == "skip":
+            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients: no update
+            self._reset_state("train")  # the state left by this chunk may be NaN too
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            if self.trainer.is_global_zero:
+                warnings.warn(f"rnnlm: non-finite loss or gradient at {where}: step skipped "
+                              f"({self.skipped_steps} so far).", stacklevel=1)
+            return
+        path = self._save_last_good_state()
+        raise NonFiniteLossError(
+            f"The training loss or gradient became NaN or infinite at {where}, so training stopped before that "
+            f"step changed the weights. The state before it is saved in {path}. The usual remedies: a lower "
+            "learning rate (--optimizer.init_args.lr), gradient clipping (--trainer.gradient_clip_val 0.25), "
+            "fp32 or bf16-mixed instead of 16-mixed precision, or a look at the data around that chunk. "
+            "--model.on_nonfinite skip drops such steps instead of stopping."
+        )
+
+    def _save_last_good_state(self) -> str:
+        """Write a checkpoint of the weights, optimizer, stream position and carried state before this step."""
+        before = self._before_step
+        self._reset_state("train")
+        self._state.update(before.get("state", {}))
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ChunkLoader):
+            loader.position = before.get("position", 0)
+        ckpt = self.trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None) or self.trainer.default_root_dir
+        path = os.path.join(folder, f"nonfinite-step{self.global_step}.ckpt")
+        self.trainer.save_checkpoint(path)
+        return path
 
     @property
     def encoder(self) -> Encoder:
@@ -115,17 +191,65 @@ class LanguageModel(L.LightningModule):
         return self._encoder[1]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Plain strings and numbers only, so the checkpoint alone is enough to generate or evaluate.
+        # Plain strings, numbers and tensors only, so the checkpoint alone is enough to generate or evaluate and
+        # loads with weights_only=True. Runs on every process (the gathers below are collective); rank 0 writes.
         checkpoint["rnnlm"] = {
             "version": __version__,
             "tokenizer": self.tokenizer_json,
             "chars_per_token": dict(self.chars_per_token),
         }
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            checkpoint["rnnlm"]["resume"] = self._resume_state()
+
+    def _resume_state(self) -> dict:
+        """The training stream's carried state and the RNG states, one slice per process."""
+
+        def gathered(t: Tensor) -> Tensor:
+            t = self.all_gather(t.to(self.device))
+            return (t if self.trainer.world_size > 1 else t.unsqueeze(0)).cpu()
+
+        carried = {}
+        for key in ("train", "train/backward"):
+            state = self._state.get(key)
+            if state is not None:
+                parts = state if isinstance(state, tuple) else (state,)
+                carried[key] = [gathered(part) for part in parts]
+        rng = {"cpu": gathered(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["cuda"] = gathered(torch.cuda.get_rng_state(self.device))
+        return {"carried": carried, "rng": rng, "world_size": self.trainer.world_size}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("rnnlm", {})
-        self.tokenizer_json = extra.get("tokenizer")
-        self.chars_per_token = dict(extra.get("chars_per_token", {}))
+        self._check_compatible(checkpoint)
+        self.tokenizer_json = extra.get("tokenizer") or self.tokenizer_json
+        self.chars_per_token = dict(extra.get("chars_per_token", {})) or self.chars_per_token
+        self._resume = extra.get("resume")
+
+    def _check_compatible(self, checkpoint: dict) -> None:
+        """Refuse, before any weight is touched, a checkpoint that does not belong to this run's model and data."""
+        saved_tokenizer = checkpoint.get("rnnlm", {}).get("tokenizer")
+        if self.tokenizer_json is not None and saved_tokenizer is not None and saved_tokenizer != self.tokenizer_json:
+            saved, ours = Tokenizer.from_str(saved_tokenizer), Tokenizer.from_str(self.tokenizer_json)
+            raise CheckpointError(
+                "The checkpoint was trained with a different tokenizer than this run's data "
+                f"(checkpoint: {saved.get_vocab_size()} tokens, {type(saved.model).__name__}; this run: "
+                f"{ours.get_vocab_size()} tokens, {type(ours.model).__name__}); its weights would read the wrong "
+                "tokens. Resume with the data settings it was trained with (data.source, data.tokenizer, "
+                "data.vocab_size, ...: see the run's config.yaml), or start a new run without --ckpt_path."
+            )
+        saved_hp = checkpoint.get("hyper_parameters", {})
+        differ = [
+            f"{name}: checkpoint {saved_hp[name]!r}, this run {self.hparams[name]!r}"
+            for name in ARCHITECTURE
+            if name in saved_hp and saved_hp[name] != self.hparams[name]
+        ]
+        if differ:
+            raise CheckpointError(
+                "The checkpoint holds a different model than this run builds (" + "; ".join(differ) + "). "
+                "Resume with the model settings it was trained with (see the run's config.yaml), "
+                "or start a new run without --ckpt_path."
+            )
 
     def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
         return self.model(idx, state, direction)
@@ -166,8 +290,18 @@ class LanguageModel(L.LightningModule):
         return metrics
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        loader = self.trainer.train_dataloader
+        self._before_step = {
+            "position": batch_idx,
+            "state": {k: v for k, v in self._state.items() if k.split("/")[0] == "train"},
+        }
         losses = self._losses("train", batch)
+        if isinstance(loader, ChunkLoader):
+            # What a checkpoint written after this step resumes from; 0 once the epoch is done (the Trainer may
+            # end it before the loader does, with limit_train_batches).
+            loader.position = 0 if batch_idx + 1 >= self.trainer.num_training_batches else batch_idx + 1
         loss = sum(losses.values()) / len(losses)
+        self._last_loss = loss.detach()
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
         self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -215,9 +349,34 @@ class LanguageModel(L.LightningModule):
         for key in [k for k in self._state if k.split("/")[0] == stage]:
             del self._state[key]
 
+    def on_train_start(self) -> None:
+        # Lightning does not call on_train_epoch_start when it resumes an epoch half way, so the stream's state
+        # from a mid-epoch checkpoint is put back here.
+        resume, self._resume = self._resume, None
+        loader = self.trainer.train_dataloader
+        if resume and isinstance(loader, ChunkLoader) and loader.position > 0:
+            self._restore(resume)
+
     def on_train_epoch_start(self) -> None:
         self._reset_state("train")
         self._tps = None
+
+    def _restore(self, resume: dict) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if resume.get("world_size", world) != world:
+            raise CheckpointError(
+                f"The checkpoint was written by {resume['world_size']} processes and this run has {world}: a "
+                "mid-epoch checkpoint continues only with the same number of processes (or resume from a "
+                "checkpoint written at the end of an epoch)."
+            )
+        for key, parts in resume.get("carried", {}).items():
+            parts = tuple(p[rank].to(self.device) for p in parts)
+            self._state[key] = parts if len(parts) > 1 else parts[0]
+        rng = resume.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"][rank])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_state("val")
@@ -272,14 +431,9 @@ class LanguageModel(L.LightningModule):
 
         Loads with ``weights_only=True``: the file holds tensors and plain types only, so loading runs no code.
         """
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"Checkpoint {path!r} does not exist.") from None
-        except Exception as err:
-            raise ValueError(f"Could not read checkpoint {path!r} (corrupt or not a checkpoint?): {err}") from err
-        if not isinstance(ckpt, dict) or "rnnlm" not in ckpt or "hyper_parameters" not in ckpt:
-            raise ValueError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
+        ckpt = load_safely(path, map_location)
+        if "rnnlm" not in ckpt or "hyper_parameters" not in ckpt:
+            raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
         # LightningCLI adds private entries (``_instantiator``) that are not model settings.
         model = cls(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
         model.load_state_dict(ckpt["state_dict"])

@@ -24,11 +24,18 @@ backward target exactly once per epoch.
 ``DistributedSampler`` into ``DataLoader`` objects under DDP, but leaves other iterables alone, so nothing can
 re-order the chunks whatever the Trainer flags are. Batches are copied out of the memory-mapped ids one chunk
 at a time, so memory does not grow with the corpus.
+
+Mid-epoch resume: the loader follows Lightning's stateful-loader protocol. Its state is ``position``, the number
+of chunks of the current epoch the model has *trained on* (the LightningModule sets it after each step; the
+loader cannot count it itself, because Lightning fetches one batch ahead), plus the stream layout. After
+``load_state_dict`` the next iteration starts at that chunk, once; ``len()`` stays the whole epoch, as Lightning
+expects when it resumes a partly done epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +66,8 @@ class ChunkLoader:
         self.bptt = bptt
         self.pin_memory = pin_memory
         self.bidirectional = bidirectional
+        self.position = 0  # chunks of this epoch already trained on
+        self._start = 0  # where the next iteration begins (set by load_state_dict)
 
     def __len__(self) -> int:
         return -(-(self.rows.shape[1] - 1) // self.bptt)
@@ -76,9 +85,36 @@ class ChunkLoader:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
+    def layout(self) -> dict[str, int]:
+        """What a saved position refers to: resuming is only meaningful on the same chunks."""
+        return {"rows": self.rows.shape[0], "row_length": self.rows.shape[1], "bptt": self.bptt}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, **self.layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = int(state["position"])
+        if position <= 0 or position >= len(self):
+            self._start = self.position = 0  # saved at an epoch boundary: the next epoch starts afresh
+            return
+        saved = {k: state.get(k) for k in self.layout()}
+        if saved != self.layout():
+            raise ValueError(
+                f"Cannot resume mid-epoch: the checkpoint was written at chunk {position} of streams laid out as "
+                f"{saved}, but this run cuts the data into {self.layout()} (rows per process, tokens per row, chunk "
+                "length). Resume with the same data, data.batch_size, data.bptt and number of processes, or resume "
+                "from a checkpoint written at the end of an epoch."
+            )
+        self._start = self.position = position
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        start, self._start = self._start, 0
+        self.position = start  # set now, not at the first next(): a new epoch begins at iter()
+        return self._chunks(start)
+
+    def _chunks(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         reversed_rows = self.rows[:, ::-1]
-        for k in range(len(self)):
+        for k in range(start, len(self)):
             if self.bidirectional:
                 yield (*self._chunk(self.rows, k), *self._chunk(reversed_rows, k))
             else:

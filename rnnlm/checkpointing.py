@@ -1,0 +1,184 @@
+"""Checkpoints that survive crashes and pre-emption, and load without running code.
+
+- :class:`SafeCheckpointIO` writes each checkpoint to a temporary file in the same folder, flushes it to disk and
+  renames it over the target, so a crash mid-write leaves the previous file intact; it reads checkpoints with
+  ``weights_only=True`` (tensors and plain types only: a checkpoint cannot run code when loaded) and turns a
+  truncated or foreign file into a clear error.
+- :class:`ResumableCheckpoints` keeps ``last.ckpt`` fresh every N steps or minutes and, on SIGTERM (a scheduler's
+  pre-emption) or Ctrl-C, finishes the current step, writes ``last.ckpt`` and stops with :class:`TrainingInterrupted`,
+  which says how to resume. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or holding more than plain data."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after writing a resumable checkpoint."""
+
+    def __init__(self, signum: int, path: str, step: int) -> None:
+        self.signum, self.path, self.step = signum, path, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; resumable checkpoint: {path}")
+
+
+def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` so that readers only ever see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one file system, hence the temporary file beside the target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``, explaining what is wrong when it cannot be used."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {path!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Refused to load {path!r}: it holds objects other than tensors and plain Python types, which could run "
+            "code while loading. rnnlm checkpoints never contain such objects; only load files from sources you "
+            f"trust. (torch: {str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"Checkpoint {path!r} ({size:,} bytes) cannot be read: it is truncated or corrupt, or not a checkpoint "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Nothing was changed; resume from "
+            "another checkpoint of the run (the folder keeps the best ones besides last.ckpt)."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not a training checkpoint (it has no model weights).")
+    return checkpoint
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes and ``weights_only`` reads (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        save_atomically(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return load_safely(path, map_location if map_location is not None else "cpu")
+
+
+class ResumableCheckpoints(L.Callback):
+    """Keeps a resumable ``last.ckpt`` beside the other checkpoints, and writes it when the run is interrupted.
+
+    On SIGTERM or SIGINT (Ctrl-C) the step or validation pass under way finishes, ``last.ckpt`` is written and
+    training stops with :class:`TrainingInterrupted`; a second signal stops at once. Under DDP the processes agree
+    on every save (one small all-reduce per step, the same cost as Lightning's own SIGTERM check).
+
+    Args:
+        every_n_train_steps: also write it every N optimizer steps (None: off).
+        every_n_minutes: also write it when this many minutes have passed since the last write (None: off).
+        handle_signals: catch SIGTERM and SIGINT as described; off leaves Lightning's default handling.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = None,
+        every_n_minutes: float | None = 30.0,
+        handle_signals: bool = True,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_train_steps <= 0:
+            raise ValueError(f"every_n_train_steps must be a positive integer or null, got {every_n_train_steps}.")
+        if every_n_minutes is not None and every_n_minutes <= 0:
+            raise ValueError(f"every_n_minutes must be positive or null, got {every_n_minutes}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_minutes = every_n_minutes
+        self.handle_signals = handle_signals
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._last_write = time.monotonic()
+
+    # ----------------------------------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # asked twice: the user wants out now
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self._signal = signum
+        print(f"\nrnnlm: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+              "(signal again to stop at once)", flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A SIGTERM that arrived while the data was prepared is in Lightning's flag: keep it.
+        self._signal = signal.SIGTERM if trainer.received_sigterm else None
+        self._last_write = time.monotonic()
+        # Replacing Lightning's SIGTERM handler also keeps a signal from aborting a validation pass half way.
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    # ----------------------------------------------------------------------------------------- saving
+    def last_path(self, trainer: L.Trainer) -> str:
+        ckpt = trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, "last.ckpt")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return  # a checkpoint between the micro-batches of one step would lose their gradients
+        due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
+        self._maybe_save(trainer, pl_module, due)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._maybe_save(trainer, pl_module, due=False)
+
+    def _maybe_save(self, trainer: L.Trainer, pl_module: L.LightningModule, due: bool) -> None:
+        if self.every_n_minutes and time.monotonic() - self._last_write >= 60 * self.every_n_minutes:
+            due = True
+        stopping = self._signal is not None
+        if trainer.world_size > 1:
+            # Every process must take part in a save (the carried states are gathered): decide together.
+            flags = torch.tensor([float(due), float(stopping)], device=pl_module.device)
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+            due, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
+        if not (due or stopping):
+            return
+        path = self.last_path(trainer)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and hasattr(ckpt, "last_model_path"):
+            ckpt.last_model_path = path  # so ModelCheckpoint keeps writing this file rather than a new version
+        trainer.save_checkpoint(path)
+        self._last_write = time.monotonic()
+        if stopping:
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, path, trainer.global_step)

@@ -1,0 +1,203 @@
+"""A run stopped at any step and resumed ends exactly like a run that was never stopped.
+
+The reference is an uninterrupted run; the other is stopped by a real signal mid-epoch, writes last.ckpt and is
+resumed from it by a fresh Trainer. Both must log the same losses after the stop and end with bit-identical
+weights (same process, same CPU kernels: nothing justifies a tolerance).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
+from rnnlm.data import LMDataModule
+from rnnlm.lm import LanguageModel
+from rnnlm.streams import ChunkLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PlateauModel(LanguageModel):
+    """SGD with momentum and lr/2 on plateau: optimizer and lr-controller state both matter for resuming."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.5)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}
+
+
+class Recorder(L.Callback):
+    """Training loss per step and validation loss per pass, as logged."""
+
+    def __init__(self) -> None:
+        self.train: dict[int, float] = {}
+        self.val: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train[trainer.global_step] = float(outputs["loss"])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val.append(float(trainer.callback_metrics["val/loss"]))
+
+
+class SignalAt(L.Callback):
+    """Sends a real signal to this process after a given step (before the checkpointing callback runs)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def _fit(corpus: Path, root: Path, callbacks: list, ckpt_path: str | None = None, cell: str = "lstm",
+         bidirectional: bool = False) -> tuple[PlateauModel, L.Trainer]:
+    L.seed_everything(7)
+    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=3, bptt=8, cache_dir=str(root / "cache"),
+                        bidirectional=bidirectional)
+    model = PlateauModel(vocab_size=data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
+                         dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, limit_train_batches=30, val_check_interval=10, limit_val_batches=4,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(root), plugins=[SafeCheckpointIO()],
+        callbacks=[*callbacks, ResumableCheckpoints(every_n_minutes=None),
+                   L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), monitor="val/loss", save_last=True)],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return model, trainer
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize(
+    ("stop_step", "signum", "cell", "bidirectional"),
+    [
+        (14, signal.SIGTERM, "lstm", False),  # mid first epoch, after a validation pass
+        (43, signal.SIGINT, "gru", False),  # mid second epoch: plateau scheduler and momentum carry over
+        (17, signal.SIGTERM, "lstm", True),  # both directions' carried states
+    ],
+)
+def test_stop_and_resume_equals_uninterrupted(corpus_dir, tmp_path, stop_step, signum, cell, bidirectional):
+    ref = Recorder()
+    ref_model, _ = _fit(corpus_dir, tmp_path / "ref", [ref], cell=cell, bidirectional=bidirectional)
+
+    first = Recorder()
+    with pytest.raises(TrainingInterrupted) as stop:
+        _fit(corpus_dir, tmp_path / "cut", [SignalAt(stop_step, signum), first], cell=cell,
+             bidirectional=bidirectional)
+    assert stop.value.step == stop_step and stop.value.signum == signum
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    assert Path(stop.value.path) == last
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == stop_step
+    assert saved["rnnlm"]["resume"]["carried"], "the carried hidden state is in the checkpoint"
+
+    second = Recorder()
+    model, trainer = _fit(corpus_dir, tmp_path / "cut", [second], ckpt_path=str(last), cell=cell,
+                          bidirectional=bidirectional)
+    assert min(second.train) == stop_step + 1, "resumed at the next step"
+    assert {**first.train, **second.train} == ref.train
+    assert first.val + second.val == ref.val
+    assert trainer.global_step == 60
+    _assert_same_weights(model, ref_model)
+
+
+def test_chunk_loader_resumes_at_its_position():
+    rows = np.arange(2 * 41).reshape(2, 41)
+    loader = ChunkLoader(rows, bptt=4)
+    chunks = [x for x, _ in loader]
+    loader.position = 6
+    state = loader.state_dict()
+
+    fresh = ChunkLoader(rows, bptt=4)
+    fresh.load_state_dict(state)
+    assert len(fresh) == len(loader) == 10  # Lightning counts the whole epoch
+    rest = [x for x, _ in fresh]
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, chunks[6:]))
+    assert len([x for x, _ in fresh]) == 10, "the next epoch starts at chunk 0 again"
+
+    for boundary in (0, 10):  # checkpoints written at an epoch boundary start the next epoch afresh
+        fresh.load_state_dict({**state, "position": boundary})
+        assert len(list(fresh)) == 10
+
+    other = ChunkLoader(np.arange(3 * 27).reshape(3, 27), bptt=4)
+    with pytest.raises(ValueError, match="same data, data.batch_size, data.bptt and number of processes"):
+        other.load_state_dict(state)
+
+
+def _cli_args(corpus: Path, out: Path, epochs: int) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--data.source", str(corpus),
+        "--data.cache_dir", str(out.parent / "cache"),
+        "--data.batch_size", "4",
+        "--data.bptt", "32",
+        "--model.hidden_size", "128",
+        "--model.embedding_dim", "32",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.limit_val_batches", "3",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger", "false",
+        "--checkpoint.dirpath", str(out / "ckpt"),
+        "--resumable.every_n_train_steps", "2",
+        "--test_after_fit", "false",
+        "--sample.max_new_tokens", "0",
+    ]  # fmt: skip
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_path):
+    """A scheduler-style SIGTERM at an arbitrary moment of a real `python -m rnnlm.fit` process."""
+    fit = [sys.executable, "-m", "rnnlm.fit"]
+    ref = tmp_path / "ref"
+    done = subprocess.run([*fit, *_cli_args(corpus_dir, ref, 2)], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*fit, *_cli_args(corpus_dir, out, 2)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = out / "ckpt" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "stopped by SIGTERM" in log and "--ckpt_path" in log, log[-3000:]
+    total = torch.load(ref / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    stopped = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < stopped < total
+
+    resumed = subprocess.run([*fit, *_cli_args(corpus_dir, out, 2), "--ckpt_path", "last"], env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(ref / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert b["global_step"] == total
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
