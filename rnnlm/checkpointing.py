@@ -60,21 +60,31 @@ def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refused to load {path!r}: it holds objects other than tensors and plain Python types, which could run "
-            "code while loading. rnnlm checkpoints never contain such objects; only load files from sources you "
-            f"trust. (torch: {str(err).splitlines()[0]})"
-        ) from None
+        if "global" in str(err).lower():  # it names a function or class to call: what a code payload needs
+            raise CheckpointError(
+                f"Refused to load {path!r}: it asks to import and call Python objects other than tensors and plain "
+                "types, which could run code while loading. rnnlm checkpoints never contain such objects; only "
+                f"load files from sources you trust. (torch: {_first_line(err, 'GLOBAL')})"
+            ) from None
+        raise _unreadable(path, err) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        size = os.path.getsize(path)
-        raise CheckpointError(
-            f"Checkpoint {path!r} ({size:,} bytes) cannot be read: it is truncated or corrupt, or not a checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Nothing was changed; resume from "
-            "another checkpoint of the run (the folder keeps the best ones besides last.ckpt)."
-        ) from None
+        raise _unreadable(path, err) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path!r} is not a training checkpoint (it has no model weights).")
     return checkpoint
+
+
+def _first_line(err: BaseException, containing: str = "") -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
+
+
+def _unreadable(path: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint {path!r} ({os.path.getsize(path):,} bytes) cannot be read: it is truncated or corrupt, or not a "
+        f"checkpoint ({type(err).__name__}: {_first_line(err)}). Nothing was changed; resume from another "
+        "checkpoint of the run (the folder keeps the best ones besides last.ckpt)."
+    )
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -178,7 +188,7 @@ class ResumableCheckpoints(L.Callback):
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and hasattr(ckpt, "last_model_path"):
             ckpt.last_model_path = path  # so ModelCheckpoint keeps writing this file rather than a new version
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: weights, optimizer, loops
         self._last_write = time.monotonic()
         if stopping:
             raise TrainingInterrupted(self._signal or signal.SIGTERM, path, trainer.global_step)

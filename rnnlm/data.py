@@ -221,6 +221,7 @@ class LMDataModule(L.LightningDataModule):
         os.replace(tmp, folder / "ids.bin")
         meta = {
             "version": CACHE_VERSION,
+            "key": folder.name,
             "split": split,
             "dtype": enc.dtype.name,
             "tokens": n_tokens,
@@ -242,13 +243,55 @@ class LMDataModule(L.LightningDataModule):
         meta_path = folder / "meta.json"
         if not meta_path.exists():
             self.prepare_data()  # not run by a Trainer (e.g. plain use) or another node's cache
-        meta = json.loads(meta_path.read_text())
-        self.stats[split] = meta
-        self.ids[split] = (
-            np.memmap(folder / "ids.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+        meta = self._read_meta(meta_path)
+        ids_path = folder / "ids.bin"
+        expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        actual = ids_path.stat().st_size if ids_path.exists() else None
+        if actual != expected:
+            found = "is missing" if actual is None else f"has {actual:,} bytes"
+            raise DataError(
+                f"The token cache {ids_path} {found}, but its meta.json records {meta['tokens']:,} {meta['dtype']} "
+                f"ids ({expected:,} bytes): the file is truncated or was changed after it was written. Delete the "
+                f"folder {folder} and run again to rebuild it (no other cache is affected)."
+            )
+        ids = (
+            np.memmap(ids_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
             if meta["tokens"]
             else np.empty(0, dtype=meta["dtype"])
         )
+        # One sequential read (page cache, no copy): ids beyond the vocabulary mean the file is not this entry's.
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            raise DataError(
+                f"The token cache {ids_path} holds id {int(ids.max())}, beyond this tokenizer's {self.vocab_size} "
+                f"entries: the file does not belong to this cache entry. Delete the folder {folder} and run again "
+                "to rebuild it."
+            )
+        self.stats[split] = meta
+        self.ids[split] = ids
+
+    def _read_meta(self, path: Path) -> dict:
+        """The cache entry's record, checked against what this data module expects of it."""
+        folder = path.parent
+        try:
+            meta = json.loads(path.read_text())
+            meta["tokens"], np.dtype(meta["dtype"])  # noqa: B018 - both must be present and valid
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                f"The token cache record {path} is unreadable ({type(err).__name__}: {err}). Delete the folder "
+                f"{folder} and run again to rebuild it."
+            ) from None
+        key = meta.get("key")
+        if key is not None and key != folder.name:
+            raise DataError(
+                f"The token cache in {folder} was written for another dataset or tokenizer (its record says "
+                f"{key!r}). Delete the folder and run again to rebuild it."
+            )
+        if meta.get("version") != CACHE_VERSION:
+            raise DataError(
+                f"The token cache in {folder} was written by another version of rnnlm (cache format "
+                f"{meta.get('version')!r}, this one reads {CACHE_VERSION}). Delete the folder to rebuild it."
+            )
+        return meta
 
     # ----------------------------------------------------------------------------------------- streams
     @property

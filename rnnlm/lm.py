@@ -179,7 +179,7 @@ class LanguageModel(L.LightningModule):
         ckpt = self.trainer.checkpoint_callback
         folder = getattr(ckpt, "dirpath", None) or self.trainer.default_root_dir
         path = os.path.join(folder, f"nonfinite-step{self.global_step}.ckpt")
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)
         return path
 
     @property
@@ -374,9 +374,9 @@ class LanguageModel(L.LightningModule):
             self._state[key] = parts if len(parts) > 1 else parts[0]
         rng = resume.get("rng", {})
         if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"][rank])
+            torch.set_rng_state(rng["cpu"][rank].clone())  # a row of a bigger tensor is not accepted as is
         if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
+            torch.cuda.set_rng_state(rng["cuda"][rank].clone(), self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_state("val")

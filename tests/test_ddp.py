@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,38 @@ def test_two_nodes_with_torchrun_train_like_one_process(single, tmp_path):
     both = "".join(logs)
     assert both.count("trained char tokenizer") == 1
     assert both.count("rnnlm: encoded train") == 1
+
+
+def test_two_processes_stopped_by_sigterm_resume_exactly(single, tmp_path):
+    """SIGTERM to the launching process of a 2-process job: both ranks save together (each rank's carried state
+    goes into the one checkpoint) and the resumed job ends with the weights of a job that was never stopped."""
+    corpus = single[0]
+    longer = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "20", "--resumable.every_n_train_steps",
+              "2", "--trainer.devices", "2", "--trainer.strategy", "ddp"]  # fmt: skip
+    fit = [sys.executable, "-m", "rnnlm.fit"]
+    ref = tmp_path / "ref"
+    _run([*fit, *_args(corpus, ref, 2), *longer], tmp_path)
+
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*fit, *_args(corpus, out, 2), *longer], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = out / "ckpt" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
+    saved = torch.load(last, weights_only=True)
+    assert 0 < saved["global_step"] < 60
+    carried = saved["rnnlm"]["resume"]["carried"]["train"]
+    assert carried[0].shape[0] == 2, "one carried state per rank"
+    assert not torch.equal(carried[0][0], carried[0][1]), "the ranks read different streams"
+
+    _run([*fit, *_args(corpus, out, 2), *longer, "--ckpt_path", "last"], tmp_path)
+    a = torch.load(ref / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 60
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name

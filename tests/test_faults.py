@@ -1,0 +1,251 @@
+"""Faults that must lose nothing: corrupt, truncated, foreign or malicious checkpoints, damaged token caches,
+non-finite losses. Each is a clear error that says what to do, and no file is overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_text
+
+from rnnlm import evaluate, fit
+from rnnlm.checkpointing import CheckpointError, SafeCheckpointIO, load_safely, save_atomically
+from rnnlm.data import LMDataModule
+from rnnlm.lm import LanguageModel, NonFiniteLossError
+from rnnlm.sources import DataError
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(CONFIG),
+        "--data.source", str(source),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.batch_size", "2",
+        "--data.bptt", "8",
+        "--model.hidden_size", "8",
+        "--model.embedding_dim", "8",
+        "--trainer.max_steps", "4",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.val_check_interval", "2",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false",
+        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        "--test_after_fit", "false",
+        "--sample.max_new_tokens", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def trained(corpus_dir, tmp_path) -> Path:
+    """A real checkpoint folder written by the CLI."""
+    fit.main(_args(tmp_path, corpus_dir))
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.ckpt"))}
+
+
+def _resume_fails(tmp_path: Path, source: Path, ckpt: Path, capsys, *extra: str) -> str:
+    before = _snapshot(ckpt.parent)
+    with pytest.raises(SystemExit) as stop:
+        fit.main(_args(tmp_path, source, "--ckpt_path", str(ckpt), "--trainer.max_steps", "8", *extra))
+    assert stop.value.code == 1
+    assert _snapshot(ckpt.parent) == before, "a failed resume must not touch the checkpoints"
+    return capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_reported_and_nothing_is_overwritten(trained, corpus_dir, tmp_path, capsys):
+    data = trained.read_bytes()
+    broken = trained.with_name("broken.ckpt")
+    broken.write_bytes(data[: len(data) // 2])
+    err = _resume_fails(tmp_path, corpus_dir, broken, capsys)
+    assert "truncated or corrupt" in err and "broken.ckpt" in err
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        evaluate.main(["--checkpoint", str(broken)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        LanguageModel.from_checkpoint(str(broken))
+
+
+def test_garbage_and_missing_checkpoints(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="truncated or corrupt, or not a checkpoint"):
+        load_safely(junk)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_safely(tmp_path / "nope.ckpt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_safely(tmp_path / "other.ckpt")
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_it(trained, corpus_dir, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["rnnlm"]["payload"] = _Payload(marker)
+    evil = trained.with_name("evil.ckpt")
+    torch.save(ckpt, evil)
+    for attempt in (lambda: LanguageModel.from_checkpoint(str(evil)),
+                    lambda: evaluate.main(["--checkpoint", str(evil)])):
+        with pytest.raises(CheckpointError, match="could run code"):
+            attempt()
+    err = _resume_fails(tmp_path, corpus_dir, evil, capsys)
+    assert "could run code" in err
+    assert not marker.exists(), "loading executed code from the checkpoint"
+    torch.load(evil, weights_only=False)  # the payload is real: unrestricted loading runs it
+    assert marker.exists()
+
+
+def test_resuming_with_another_tokenizer_or_model_is_refused(trained, corpus_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        # Upper-case text: another character vocabulary.
+        (other / name).write_text(make_text(200, seed=9).upper())
+    err = _resume_fails(tmp_path, other, trained, capsys)
+    assert "different tokenizer" in err and "data settings it was trained with" in err
+
+    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.hidden_size", "12")
+    assert "hidden_size: checkpoint 8, this run 12" in err
+    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.cell", "gru")
+    assert "cell: checkpoint 'lstm', this run 'gru'" in err
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_atomically({"state_dict": {"w": torch.ones(3)}}, path)
+    good = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        SafeCheckpointIO().save_checkpoint({"state_dict": {}}, path)
+    assert path.read_bytes() == good, "a failed write left the previous checkpoint intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no temporary file left behind"
+
+
+# ----------------------------------------------------------------------------------------- non-finite losses
+class PoisonAt(LanguageModel):
+    """Makes the loss NaN at one step, as an exploding model would."""
+
+    poison_step = 5
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.poison_step else loss
+
+
+class Weights(L.Callback):
+    def __init__(self) -> None:
+        self.before: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def _poisoned_run(corpus: Path, root: Path, policy: str, weights: Weights) -> tuple[PoisonAt, L.Trainer]:
+    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=2, bptt=8, cache_dir=str(root / "cache"))
+    torch.manual_seed(0)
+    model = PoisonAt(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8, on_nonfinite=policy)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                        callbacks=[weights, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"))])
+    trainer.fit(model, datamodule=data)
+    return model, trainer
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_good_state(corpus_dir, tmp_path):
+    weights = Weights()
+    with pytest.raises(NonFiniteLossError) as err:
+        _poisoned_run(corpus_dir, tmp_path, "stop", weights)
+    message = str(err.value)
+    assert "at step 5" in message and "learning rate" in message and "gradient_clip_val" in message
+    ckpt = tmp_path / "ckpt" / "nonfinite-step5.ckpt"
+    assert str(ckpt) in message
+    saved = load_safely(ckpt)
+    assert saved["global_step"] == 5
+    loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["position"] == 5, "resuming from it retries the failing chunk"
+    # Exactly the weights before the failing step (so nothing NaN in them).
+    for name, tensor in saved["state_dict"].items():
+        assert torch.equal(tensor, weights.before[5][name]), name
+
+
+def test_nonfinite_loss_can_be_skipped(corpus_dir, tmp_path):
+    weights = Weights()
+    model, trainer = _poisoned_run(corpus_dir, tmp_path, "skip", weights)
+    assert trainer.global_step == 8 and model.skipped_steps == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.isfinite(tensor).all(), name
+    # The poisoned step changed nothing.
+    for name, tensor in weights.before[5].items():
+        assert torch.equal(tensor, weights.before[6][name]), name
+    assert not torch.equal(weights.before[4]["model.decoder.weight"], weights.before[5]["model.decoder.weight"])
+
+
+# ----------------------------------------------------------------------------------------- token cache
+def _prepared(corpus: Path, cache: Path) -> tuple[LMDataModule, Path]:
+    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=2, bptt=8, cache_dir=str(cache))
+    data.prepare_data()
+    return data, data._cache_path("train")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign_ids", "meta_garbage", "meta_other_key"])
+def test_a_damaged_token_cache_is_reported_not_used(corpus_dir, tmp_path, damage):
+    data, folder = _prepared(corpus_dir, tmp_path / "cache")
+    ids, meta = folder / "ids.bin", folder / "meta.json"
+    if damage == "truncate":
+        ids.write_bytes(ids.read_bytes()[:-10])
+        expected = "truncated"
+    elif damage == "foreign_ids":
+        raw = bytearray(ids.read_bytes())
+        raw[0:2] = (60000).to_bytes(2, "little")
+        ids.write_bytes(bytes(raw))
+        expected = "does not belong"
+    elif damage == "meta_garbage":
+        meta.write_text("{not json")
+        expected = "unreadable"
+    else:
+        meta.write_text(meta.read_text().replace(folder.name, "train-0000-0000"))
+        expected = "another dataset or tokenizer"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    fresh = LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=2, bptt=8,
+                         cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=expected) as err:
+        fresh.setup("fit")
+    assert "Delete the folder" in str(err.value) and str(folder) in str(err.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "nothing overwritten"
+    shutil.rmtree(folder)  # the advice works: the next run rebuilds it
+    LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=2, bptt=8,
+                 cache_dir=str(tmp_path / "cache")).setup("fit")
+
+
+def test_pickle_module_is_not_needed_to_read_a_checkpoint(trained):
+    """weights_only reads it: every object in an rnnlm checkpoint is a tensor or a plain Python value."""
+    ckpt = load_safely(trained)
+    assert isinstance(ckpt["rnnlm"]["tokenizer"], str)
+    assert pickle.loads(pickle.dumps(ckpt["hyper_parameters"])) == ckpt["hyper_parameters"]
