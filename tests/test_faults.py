@@ -7,6 +7,8 @@ import hashlib
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -249,3 +251,34 @@ def test_pickle_module_is_not_needed_to_read_a_checkpoint(trained):
     ckpt = load_safely(trained)
     assert isinstance(ckpt["rnnlm"]["tokenizer"], str)
     assert pickle.loads(pickle.dumps(ckpt["hyper_parameters"])) == ckpt["hyper_parameters"]
+
+
+PREPARE = """
+import hashlib, sys
+from rnnlm.data import LMDataModule
+data = LMDataModule(source=sys.argv[1], tokenizer="word", batch_size=2, bptt=8, cache_dir=sys.argv[2])
+data.prepare_data()
+data.setup("fit")
+print("IDS", {s: hashlib.sha256(bytes(data.ids[s])).hexdigest() for s in sorted(data.ids)}, flush=True)
+"""
+
+
+def test_processes_preparing_the_same_cache_at_once_share_one_result(corpus_dir, tmp_path):
+    """Several jobs (or all ranks of one) starting together on an empty cache: one trains the tokenizer and encodes
+    each split, the others wait and read it; every process sees the same complete files."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cache = tmp_path / "shared-cache"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PREPARE, str(corpus_dir), str(cache)], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    both = "".join(logs)
+    assert both.count("trained word tokenizer") == 1
+    assert both.count("rnnlm: encoded train") == 1
+    results = {line for log in logs for line in log.splitlines() if line.startswith("IDS")}
+    assert len(results) == 1, results
+    leftovers = [p.name for p in cache.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, leftovers

@@ -70,7 +70,7 @@ def _fit(corpus: Path, root: Path, callbacks: list, ckpt_path: str | None = None
     model = PlateauModel(vocab_size=data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
                          dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=2, limit_train_batches=30, val_check_interval=10, limit_val_batches=4,
+        accelerator="cpu", max_epochs=2, limit_train_batches=20, val_check_interval=10, limit_val_batches=4,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(root), plugins=[SafeCheckpointIO()],
         callbacks=[*callbacks, ResumableCheckpoints(every_n_minutes=None),
@@ -91,7 +91,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     ("stop_step", "signum", "cell", "bidirectional"),
     [
         (14, signal.SIGTERM, "lstm", False),  # mid first epoch, after a validation pass
-        (43, signal.SIGINT, "gru", False),  # mid second epoch: plateau scheduler and momentum carry over
+        (33, signal.SIGINT, "gru", False),  # mid second epoch: plateau scheduler and momentum carry over
         (17, signal.SIGTERM, "lstm", True),  # both directions' carried states
     ],
 )
@@ -116,7 +116,7 @@ def test_stop_and_resume_equals_uninterrupted(corpus_dir, tmp_path, stop_step, s
     assert min(second.train) == stop_step + 1, "resumed at the next step"
     assert {**first.train, **second.train} == ref.train
     assert first.val + second.val == ref.val
-    assert trainer.global_step == 60
+    assert trainer.global_step == 40
     _assert_same_weights(model, ref_model)
 
 
