@@ -164,7 +164,8 @@ class ResumableCheckpoints(L.Callback):
         return os.path.join(folder, "last.ckpt")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop._should_accumulate():
+        done = batch_idx + 1
+        if done % trainer.accumulate_grad_batches and done != trainer.num_training_batches:
             return  # a checkpoint between the micro-batches of one step would lose their gradients
         due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
         self._maybe_save(trainer, pl_module, due)
