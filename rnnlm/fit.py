@@ -23,7 +23,13 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm import __version__
 from rnnlm.callbacks import TextSample
-from rnnlm.checkpointing import CheckpointError, ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
+from rnnlm.checkpointing import (
+    CheckpointError,
+    ResumableCheckpoints,
+    SafeCheckpointIO,
+    TrainingInterrupted,
+    load_safely,
+)
 from rnnlm.cpu import keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel, NonFiniteLossError
@@ -61,9 +67,12 @@ class RNNLMCLI(LightningCLI):
         files = config.get("config") or []
         stem = Path(str(files[0])).stem if files else "rnnlm"
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        resumed = _saved_wandb_run(config.get("ckpt_path"))
         for logger in loggers:
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
                 args = logger.init_args
+                if resumed and not (args.get("id") or args.get("version")):
+                    args.id, args.name = resumed["id"], args.get("name") or resumed.get("name")
                 if not args.get("name"):
                     args.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
                 if args.get("save_dir") in (None, "."):
@@ -118,6 +127,16 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish()
     return cli
+
+
+def _saved_wandb_run(ckpt_path: str | None) -> dict | None:
+    """The W&B run a checkpoint was written by, so that resuming continues that run and its checkpoint folder."""
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return None  # "last"/"best" or a missing file: Lightning resolves or reports it
+    try:
+        return load_safely(ckpt_path).get("rnnlm", {}).get("wandb_run")
+    except CheckpointError:
+        return None  # reported with its explanation when the Trainer loads it
 
 
 def _resume_command(args: list[str] | None, path: str) -> str:

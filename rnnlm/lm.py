@@ -20,6 +20,7 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -200,6 +201,10 @@ class LanguageModel(L.LightningModule):
         }
         if self._trainer is not None and self.trainer.state.fn == "fit":
             checkpoint["rnnlm"]["resume"] = self._resume_state()
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+                    # A resumed run continues the same W&B run (and so the same checkpoint folder).
+                    checkpoint["rnnlm"]["wandb_run"] = {"id": logger.version, "name": logger.name}
 
     def _resume_state(self) -> dict:
         """The training stream's carried state and the RNG states, one slice per process."""

@@ -167,3 +167,18 @@ def test_plot_curves_from_csv_logs(corpus_dir, tmp_path):
     drawn = plot_curves(metrics, png)
     assert set(drawn) == {f"{s}/{m}" for s in ("train", "val") for m in ("loss", "ppl", "bpc")}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_checkpoint_folder(corpus_dir, tmp_path, offline):
+    first = fit_main([*_tiny(corpus_dir, tmp_path, steps=3), "--test_after_fit", "false"])
+    run_id = first.trainer.logger.version
+    last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    assert run_id in str(last)  # the default checkpoint folder is named after the W&B run
+
+    second = fit_main([*_tiny(corpus_dir, tmp_path, steps=6), "--test_after_fit", "false", "--ckpt_path", str(last)])
+    assert second.trainer.logger.version == run_id
+    assert second.trainer.logger.name == first.trainer.logger.name
+    assert Path(second.trainer.checkpoint_callback.dirpath) == last.parent
+    assert second.trainer.global_step == 6
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, "the resumed process appends to the same W&B run id"
