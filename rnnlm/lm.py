@@ -13,7 +13,6 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -45,6 +44,9 @@ class LanguageModel(L.LightningModule):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        output: str = "softmax",
+        adaptive_cutoffs: list[int] | None = None,
+        adaptive_div_value: float = 4.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +63,9 @@ class LanguageModel(L.LightningModule):
             tie_weights=tie_weights,
             bidirectional=bidirectional,
             share_directions=share_directions,
+            output=output,
+            adaptive_cutoffs=adaptive_cutoffs,
+            adaptive_div_value=adaptive_div_value,
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
@@ -99,9 +104,15 @@ class LanguageModel(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams(facts)
 
+    def _writing_step(self) -> bool:
+        """Whether the loggers write this step's metrics (Lightning writes every ``log_every_n_steps``)."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # The global gradient norm before clipping (the hook runs before the Trainer clips); logged as a tensor,
-        # so it costs no device sync.
+        # so it costs no device sync, and computed only on the steps that are written (a pass over all gradients).
+        if not self._writing_step():
+            return
         norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
@@ -135,9 +146,9 @@ class LanguageModel(L.LightningModule):
         state = self._state.get(key)
         if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
             state = None  # a different number of streams: nothing to carry
-        logits, state = self.model(x, state, direction)
+        loss, state = self.model.loss(x, y, state, direction)
         self._state[key] = detach_state(state)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return loss
 
     def _losses(self, stage: str, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
         """Loss of each direction on this chunk, carrying each direction's state within ``stage``."""
@@ -169,11 +180,17 @@ class LanguageModel(L.LightningModule):
         losses = self._losses("train", batch)
         loss = sum(losses.values()) / len(losses)
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
-        self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
+        # Device tensors: a logger reads them only on the steps it writes (log_every_n_steps), so no per-step sync.
         self.log_dict(metrics, on_step=True, on_epoch=False)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # A Python float becomes a device tensor when logged: only pay that copy on the steps that are written.
-            self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        writing = self._writing_step()
+        if writing or self.device.type == "cpu":
+            # The progress bar turns what it shows into Python numbers after every step, which on a GPU would wait
+            # for the step to finish: there it gets a host copy of the loss on the logging steps only.
+            self.log("loss", metrics["train/loss"].cpu(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        if writing:
+            # A host tensor: a Python float would be copied to the device and back.
+            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            self.log("lr", lr, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -185,7 +202,9 @@ class LanguageModel(L.LightningModule):
         t0, seen = self._tps
         seen += ntok
         if (self.global_step % self.trainer.log_every_n_steps == 0) and now > t0:
-            self.log("train/tokens_per_s", seen / (now - t0), on_step=True, on_epoch=False, prog_bar=True)
+            # A host tensor, so that showing it in the progress bar needs no device sync.
+            rate = torch.tensor(seen / (now - t0))
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, prog_bar=True)
             self._tps = (now, 0)
         else:
             self._tps = (t0, seen)
