@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm import __version__
 from rnnlm.callbacks import TextSample
-from rnnlm.cpu import keep_freed_memory
+from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.tracking import choose_wandb_mode
@@ -67,6 +67,7 @@ class RNNLMCLI(LightningCLI):
 def main(args: list[str] | None = None) -> RNNLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()
+    flush_denormals()
     wandb_mode = choose_wandb_mode()
     cli = RNNLMCLI(
         LanguageModel,
