@@ -8,6 +8,8 @@ mixed precision and LightningCLI's optimizer / lr_scheduler settings all keep wo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 
@@ -22,6 +24,28 @@ from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state
 from rnnlm.tokenization import Encoder
 
 LN2 = math.log(2)
+
+
+@functools.cache
+def _onednn_has_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def _rnn_kernels_for_cpu_autocast():
+    """Under CPU autocast (``precision="bf16-mixed"``) torch hands the recurrent layers to oneDNN in bf16, which fails
+    on CPUs without bf16 instructions ("could not create a primitive descriptor"). There the recurrent layers run on
+    torch's own kernels, in float32; the decoder and softmax, where large vocabularies spend the time, stay bf16."""
+    low_precision = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
+    if not low_precision or _onednn_has_bf16():
+        yield
+        return
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class LanguageModel(L.LightningModule):
@@ -146,7 +170,8 @@ class LanguageModel(L.LightningModule):
         state = self._state.get(key)
         if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
             state = None  # a different number of streams: nothing to carry
-        loss, state = self.model.loss(x, y, state, direction)
+        with _rnn_kernels_for_cpu_autocast():
+            loss, state = self.model.loss(x, y, state, direction)
         self._state[key] = detach_state(state)
         return loss
 

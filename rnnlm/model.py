@@ -126,6 +126,12 @@ class RNNLM(nn.Module):
             raise ValueError(f"Unknown output {output!r}; choose one of {', '.join(OUTPUTS)}.")
         if output == "adaptive":
             adaptive_cutoffs = _adaptive_cutoffs(vocab_size, adaptive_cutoffs, adaptive_div_value, tie_weights)
+            for i in range(1, len(adaptive_cutoffs) + 1):
+                if hidden_size // adaptive_div_value**i < 1:
+                    raise ValueError(
+                        f"adaptive_div_value={adaptive_div_value} leaves cluster {i} with no dimensions "
+                        f"(hidden_size {hidden_size} // {adaptive_div_value}**{i} = 0): lower it or use fewer cutoffs."
+                    )
         if tie_weights and input_mode == "one_hot":
             raise ValueError(
                 "tie_weights needs an embedding table to share, but input_mode='one_hot' has none; "
@@ -231,7 +237,8 @@ class RNNLM(nn.Module):
         h, state = self.features(idx, state, direction)
         decoder = self._parts(direction)[3]
         if self.output == "adaptive":
-            return decoder.log_prob(h.reshape(-1, h.size(-1)).float()).view(*h.shape[:-1], -1), state
+            with _no_autocast(h):
+                return decoder.log_prob(h.reshape(-1, h.size(-1)).float()).view(*h.shape[:-1], -1), state
         return decoder(h), state
 
     def loss(
@@ -245,7 +252,8 @@ class RNNLM(nn.Module):
         h, state = self.features(idx, state, direction)
         decoder = self._parts(direction)[3]
         if self.output == "adaptive":
-            return decoder(h.reshape(-1, h.size(-1)).float(), targets.reshape(-1)).loss, state
+            with _no_autocast(h):
+                return decoder(h.reshape(-1, h.size(-1)).float(), targets.reshape(-1)).loss, state
         logits = decoder(h)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)), state
 
@@ -321,6 +329,12 @@ class RNNLM(nn.Module):
         if not out:
             return prompt.new_empty(prompt.size(0), 0)
         return torch.cat(out, dim=1)
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    # The adaptive softmax writes its per-cluster results into one float32 tensor, which mixed-precision
+    # autocast breaks (bf16 into float32); it runs in float32, and is cheap by design.
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _adaptive_cutoffs(

@@ -179,7 +179,8 @@ class HandWrittenLoop:
         for k, pos in enumerate(range(0, rows.size(1) - 1, bptt)):
             if max_chunks is not None and k == max_chunks:
                 break
-            x, y = rows[:, pos : pos + bptt], rows[:, pos + 1 : pos + 1 + bptt]
+            n = min(bptt, rows.size(1) - 1 - pos)
+            x, y = rows[:, pos : pos + n], rows[:, pos + 1 : pos + 1 + n]
             logits, state = self.model(x, state)
             total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
             count += y.numel()
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=1, help="full mode: epochs per side")
     p.add_argument("--limit", type=float, default=None, help="full mode: fraction of each epoch's chunks to train")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for both sides (default: torch's, one per core); 1 is steadier on a busy machine")
+                   help="torch threads for both sides (default: one per core); 1 is steadier on a busy machine")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args, rnnlm_args = p.parse_known_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
