@@ -14,9 +14,10 @@ rnnlm (LanguageModel + LMDataModule + the Lightning Trainer, with per-step metri
 it) and (b) through the minimal loop below: embedding, fused RNN, linear decoder, detached carried state,
 optimizer, clipping. Both run in this one process, in alternating blocks (a, b, a, b, ...), so that other load on
 the machine hits both alike; each block runs ``--warmup`` steps that are not timed, then ``--steps`` timed steps.
-The time of a step is the wall time between the ends of consecutive steps, so it includes loading the batch,
-logging and everything else the framework does. Reported: the median tokens/s of each side over the blocks, and
-the median of the per-pair ratios rnnlm / hand-written.
+The time of a step is the time between the ends of consecutive steps, so it includes loading the batch, logging
+and everything else the framework does. It is taken twice: wall-clock time, and the CPU time of this process
+(all its threads), which other programs on a shared machine disturb far less. Reported for each: the median
+tokens/s of each side over the blocks, and the median of the per-pair ratios rnnlm / hand-written.
 
 ``eval``: the same for evaluation (no autograd; ``--eval_batch_size`` streams), rnnlm's ``Trainer.validate``
 against a loop under ``torch.inference_mode``.
@@ -90,6 +91,15 @@ class HandWrittenLM(nn.Module):
         return self.decoder(self.drop_out(h)), state
 
 
+def clock() -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _rates(tokens: int, start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+    return tokens / (end[0] - start[0]), tokens / max(end[1] - start[1], 1e-9)
+
+
 def _detach(state):
     if state is None:
         return None
@@ -152,14 +162,14 @@ class HandWrittenLoop:
         self.optimizer.step()
         return loss.detach(), y.numel()
 
-    def timed_block(self, warmup: int, steps: int) -> float:
-        """Tokens/s over ``steps`` steps after ``warmup`` untimed ones (time between the ends of steps)."""
+    def timed_block(self, warmup: int, steps: int) -> tuple[float, float]:
+        """Tokens/s (wall, CPU) over ``steps`` steps after ``warmup`` untimed ones (time between the ends of steps)."""
         for _ in range(warmup):
             self.step()
-        start, tokens = time.perf_counter(), 0
+        start, tokens = clock(), 0
         for _ in range(steps):
             tokens += self.step()[1]
-        return tokens / (time.perf_counter() - start)
+        return _rates(tokens, start, clock())
 
     def train_epoch(self, limit: int | None = None) -> float:
         """One epoch (or its first ``limit`` chunks) from a zero state; returns the mean training loss."""
@@ -294,41 +304,49 @@ class _Interleave(L.Callback):
     def __init__(self, make_hand, warmup: int, steps: int, repeats: int) -> None:
         self.make_hand, self.warmup, self.steps, self.repeats = make_hand, warmup, steps, repeats
         self.hand: HandWrittenLoop | None = None
-        self.stamps: list[tuple[float, int]] = []
-        self.rates: dict[str, list[float]] = {"rnnlm": [], "hand": []}
+        self.stamps: list[tuple[tuple[float, float], int]] = []
+        self.rates: dict[str, list[tuple[float, float]]] = {"rnnlm": [], "hand": []}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.hand = self.make_hand(trainer.datamodule)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.stamps.append((time.perf_counter(), batch[1].numel()))
+        self.stamps.append((clock(), batch[1].numel()))
         if len(self.stamps) < self.warmup + self.steps:
             return
-        timed = self.stamps[self.warmup :]
-        self.rates["rnnlm"].append(sum(n for _, n in timed) / (timed[-1][0] - self.stamps[self.warmup - 1][0]))
+        tokens = sum(n for _, n in self.stamps[self.warmup :])
+        self.rates["rnnlm"].append(_rates(tokens, self.stamps[self.warmup - 1][0], self.stamps[-1][0]))
         self.rates["hand"].append(self.hand.timed_block(self.warmup, self.steps))
-        print(f"  block {len(self.rates['hand'])}: rnnlm {self.rates['rnnlm'][-1]:,.0f} tokens/s, "
-              f"hand-written {self.rates['hand'][-1]:,.0f} tokens/s", flush=True)
+        _print_block(self.rates)
         self.stamps = []
         if len(self.rates["hand"]) == self.repeats:
             trainer.should_stop = True
 
 
-def _summary(kind: str, rates: dict[str, list[float]]) -> dict:
-    ratios = [a / b for a, b in zip(rates["rnnlm"], rates["hand"])]
-    result = {
-        "mode": kind,
-        "rnnlm_tokens_per_s": statistics.median(rates["rnnlm"]),
-        "hand_tokens_per_s": statistics.median(rates["hand"]),
-        "ratio_median_of_pairs": statistics.median(ratios),
-        "ratios": [round(r, 4) for r in ratios],
-        "rnnlm_blocks": [round(r) for r in rates["rnnlm"]],
-        "hand_blocks": [round(r) for r in rates["hand"]],
-    }
-    print(f"{kind}: rnnlm {result['rnnlm_tokens_per_s']:,.0f} tokens/s, hand-written "
-          f"{result['hand_tokens_per_s']:,.0f} tokens/s (medians of {len(ratios)} blocks); "
-          f"rnnlm / hand-written = {result['ratio_median_of_pairs']:.3f} (median of the pairs; "
-          f"range {min(ratios):.3f}-{max(ratios):.3f})")
+def _print_block(rates: dict[str, list[tuple[float, float]]]) -> None:
+    (a_wall, a_cpu), (b_wall, b_cpu) = rates["rnnlm"][-1], rates["hand"][-1]
+    print(f"  block {len(rates['hand'])}: rnnlm {a_wall:,.0f} tokens/s ({a_cpu:,.0f} per CPU-second), hand-written "
+          f"{b_wall:,.0f} tokens/s ({b_cpu:,.0f} per CPU-second)", flush=True)
+
+
+def _summary(kind: str, rates: dict[str, list[tuple[float, float]]]) -> dict:
+    result: dict = {"mode": kind, "blocks": len(rates["hand"])}
+    for i, clock_name in enumerate(("wall", "cpu")):
+        a, b = [r[i] for r in rates["rnnlm"]], [r[i] for r in rates["hand"]]
+        ratios = [x / y for x, y in zip(a, b)]
+        result[clock_name] = {
+            "rnnlm_tokens_per_s": statistics.median(a),
+            "hand_tokens_per_s": statistics.median(b),
+            "ratio_median_of_pairs": statistics.median(ratios),
+            "ratios": [round(r, 4) for r in ratios],
+            "rnnlm_blocks": [round(r) for r in a],
+            "hand_blocks": [round(r) for r in b],
+        }
+        unit = "tokens/s" if clock_name == "wall" else "tokens per CPU-second"
+        print(f"{kind} ({clock_name} clock): rnnlm {statistics.median(a):,.0f}, "
+              f"hand-written {statistics.median(b):,.0f} "
+              f"{unit} (medians of {len(ratios)} blocks); rnnlm / hand-written = {statistics.median(ratios):.3f} "
+              f"(median of the pairs; range {min(ratios):.3f}-{max(ratios):.3f})")
     return result
 
 
@@ -354,11 +372,11 @@ class _EvalTimer(L.Callback):
         self.warmup, self.stamps = warmup, []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.stamps.append((time.perf_counter(), batch[1].numel()))
+        self.stamps.append((clock(), batch[1].numel()))
 
-    def rate(self) -> float:
-        timed = self.stamps[self.warmup :]
-        return sum(n for _, n in timed) / (timed[-1][0] - self.stamps[self.warmup - 1][0])
+    def rate(self) -> tuple[float, float]:
+        tokens = sum(n for _, n in self.stamps[self.warmup :])
+        return _rates(tokens, self.stamps[self.warmup - 1][0], self.stamps[-1][0])
 
 
 def bench_eval(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, batch_size: int | None) -> dict:
@@ -371,7 +389,7 @@ def bench_eval(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, bat
         batch_size = batch_size or recipe.eval_batch_size
         loop = hand_written_loop(recipe, data.vocab_size, data.ids["train"])
         loader = data.loader("validation", batch_size=batch_size)
-        rates: dict[str, list[float]] = {"rnnlm": [], "hand": []}
+        rates: dict[str, list[tuple[float, float]]] = {"rnnlm": [], "hand": []}
         hand_tokens = steps * batch_size * recipe.bptt
         for _ in range(repeats):
             timer = _EvalTimer(warmup)
@@ -380,11 +398,10 @@ def bench_eval(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, bat
             trainer.validate(model, dataloaders=loader, verbose=False)
             rates["rnnlm"].append(timer.rate())
             loop.evaluate(data.ids["validation"], batch_size, max_chunks=warmup)
-            start = time.perf_counter()
+            start = clock()
             loop.evaluate(data.ids["validation"], batch_size, max_chunks=steps)
-            rates["hand"].append(hand_tokens / (time.perf_counter() - start))
-            print(f"  block {len(rates['hand'])}: rnnlm {rates['rnnlm'][-1]:,.0f} tokens/s, "
-                  f"hand-written {rates['hand'][-1]:,.0f} tokens/s", flush=True)
+            rates["hand"].append(_rates(hand_tokens, start, clock()))
+            _print_block(rates)
         result = _summary("eval", rates)
         result.update(batch_size=batch_size, bptt=recipe.bptt, vocab_size=data.vocab_size, model=recipe.model)
         return result
@@ -432,7 +449,7 @@ def profile(rnnlm_args: list[str], warmup: int, steps: int) -> dict:
         return {"mode": "profile", "phase_ms": medians}
 
 
-def full(rnnlm_args: list[str], epochs: int, limit: float | None) -> dict:
+def full(rnnlm_args: list[str], epochs: int, limit: float | None, rnnlm_only: bool = False) -> dict:
     from rnnlm.fit import main as fit_main
 
     with tempfile.TemporaryDirectory() as root:
@@ -452,11 +469,12 @@ def full(rnnlm_args: list[str], epochs: int, limit: float | None) -> dict:
         recipe = Recipe.from_cli(cli)
         if recipe.extra["tie_weights"] or recipe.extra["output"] != "softmax":
             print("note: the hand-written loop is untied with a full softmax; the rnnlm side is not.")
-        hand = hand_written_run(recipe, data.vocab_size, data.ids, epochs, limit)
+        hand = None if rnnlm_only else hand_written_run(recipe, data.vocab_size, data.ids, epochs, limit)
     print(f"rnnlm:        validation ppl {rnnlm_result['val_ppl']:.2f}, test ppl {rnnlm_result['test_ppl']:.2f} "
           f"({rnnlm_result['steps']} steps, {rnnlm_wall / 60:.1f} min wall)")
-    print(f"hand-written: validation ppl {hand['val_ppl']:.2f}, test ppl {hand['test_ppl']:.2f} "
-          f"({hand['steps']} steps, {hand['wall_s'] / 60:.1f} min wall)")
+    if hand is not None:
+        print(f"hand-written: validation ppl {hand['val_ppl']:.2f}, test ppl {hand['test_ppl']:.2f} "
+              f"({hand['steps']} steps, {hand['wall_s'] / 60:.1f} min wall)")
     return {"mode": "full", "epochs": epochs, "limit": limit, "rnnlm": rnnlm_result, "hand": hand}
 
 
@@ -470,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--progress_bar", action="store_true", help="show rnnlm's progress bar while timing")
     p.add_argument("--epochs", type=int, default=1, help="full mode: epochs per side")
     p.add_argument("--limit", type=float, default=None, help="full mode: fraction of each epoch's chunks to train")
+    p.add_argument("--rnnlm_only", action="store_true", help="full mode: skip the hand-written run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: one per core); 1 is steadier on a busy machine")
     p.add_argument("--json", default=None, help="also write the result to this file")
@@ -490,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.mode == "profile":
         result = profile(rnnlm_args, args.warmup, args.steps)
     else:
-        result = full(rnnlm_args, args.epochs, args.limit)
+        result = full(rnnlm_args, args.epochs, args.limit, args.rnnlm_only)
     result.update(torch=torch.__version__, threads=torch.get_num_threads(), argv=sys.argv[1:] if argv is None else argv)
     if args.json:
         with open(args.json, "w") as f:
