@@ -93,8 +93,14 @@ class LanguageModel(L.LightningModule):
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
+        # nan_strategy="disable": the default NaN check reads a device value on every batch (a GPU sync); a NaN
+        # loss still shows, as a NaN mean.
         self._eval_loss = torch.nn.ModuleDict(
-            {f"{stage}_{direction}": MeanMetric() for stage in ("val", "test") for direction in DIRECTIONS}
+            {
+                f"{stage}_{direction}": MeanMetric(nan_strategy="disable")
+                for stage in ("val", "test")
+                for direction in DIRECTIONS
+            }
         )
         self.tokenizer_json: str | None = None
         self._encoder: tuple[str, Encoder] | None = None
