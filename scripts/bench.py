@@ -491,6 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rnnlm_only", action="store_true", help="full mode: skip the hand-written run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: one per core); 1 is steadier on a busy machine")
+    p.add_argument("--keep_denormals", action="store_true",
+                   help="do not flush subnormal floats to zero (rnnlm's entry points flush them)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args, rnnlm_args = p.parse_known_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
@@ -499,7 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "disabled")
     keep_freed_memory()
-    flush_denormals()
+    if not args.keep_denormals:
+        flush_denormals()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "train":
