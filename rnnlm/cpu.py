@@ -26,3 +26,15 @@ def keep_freed_memory() -> bool:
     ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 34)
     ok &= libc.mallopt(_M_TOP_PAD, 1 << 28)
     return bool(ok)
+
+
+def flush_denormals() -> bool:
+    """Treat subnormal floats as zero (x86 FTZ/DAZ) in this process.
+
+    Saturated gates and vanishing gradients make values below 1e-38, which x86 CPUs handle in microcode at up to
+    100x the cost of a normal multiply; flushing them changes results by less than float32 can represent. Call it
+    before torch starts its thread pool, which inherits the setting. Returns whether the CPU supports it.
+    """
+    import torch
+
+    return bool(torch.set_flush_denormal(True))

@@ -7,6 +7,7 @@ memory-maps those files and cuts them into streams for this rank.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers, encode_to_file
 from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
 from rnnlm.streams import ChunkLoader, rank_rows
 from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, train_tokenizer
@@ -57,6 +59,11 @@ class LMDataModule(L.LightningDataModule):
         eval_batch_size: streams per rank for validation and test (default: batch_size).
         bidirectional: also serve the backward direction's chunks (set from model.bidirectional by the CLI).
         cache_dir: where tokenizers and token ids are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
+        streaming: read the source as a stream (``datasets`` streaming mode) instead of downloading and converting
+            it first: for corpora larger than the disk or memory. The ids are still written to the cache, task by
+            task. The source must have its own validation and test splits (or set val/test_fraction to 0).
+        encode_workers: processes that encode a split into the cache (default: one per core for splits of more
+            than 32 M characters and streams, one otherwise). The ids do not depend on it.
     """
 
     def __init__(
@@ -79,12 +86,14 @@ class LMDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         bidirectional: bool = False,
         cache_dir: str | None = None,
+        streaming: bool = False,
+        encode_workers: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("bptt", bptt), ("min_frequency", min_frequency)):
             _check_positive(name, value)
         for name, value in (("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
-                            ("max_vocab_size", max_vocab_size)):
+                            ("max_vocab_size", max_vocab_size), ("encode_workers", encode_workers)):
             if value is not None:
                 _check_positive(name, value)
         if tokenizer not in LEVELS and not _is_tokenizer_path(tokenizer):
@@ -129,6 +138,7 @@ class LMDataModule(L.LightningDataModule):
                 hp.val_fraction,
                 hp.test_fraction,
                 self.cache_dir,
+                streaming=hp.streaming,
             )
         return self._corpus
 
@@ -174,7 +184,8 @@ class LMDataModule(L.LightningDataModule):
                 return Tokenizer.from_file(str(path))
             start = time.perf_counter()
             texts = (t for batch in self.corpus.texts("train") for t in batch)
-            tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
+            with _tokenizers_parallelism():
+                tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
             _atomic_write(path, tok.to_str(pretty=True))
         # Said by whichever process did the work, so a log shows that it happened once.
         print(
@@ -200,41 +211,40 @@ class LMDataModule(L.LightningDataModule):
                 if not self.cache_hits[split]:
                     self._encode_split(split, folder)
 
+    def _encode_workers(self, split: str) -> int:
+        if self.hparams.encode_workers:
+            return self.hparams.encode_workers
+        size = self.corpus.size_in_bytes(split)
+        return default_workers() if size is None or size > PARALLEL_MIN_CHARS else 1
+
     def _encode_split(self, split: str, folder: Path) -> None:
         enc = self.encoder
-        ds = self.corpus.splits[split]
+        n_docs = self.corpus.num_documents(split)
         tmp = folder / f".ids.bin.tmp{os.getpid()}"
-        n_tokens = n_docs = n_chars = n_bytes = 0
+        workers = self._encode_workers(split)
         start = time.perf_counter()
         with open(tmp, "wb") as f, tqdm(
-            total=len(ds), desc=f"encoding {split}", unit="doc", leave=False, disable=len(ds) < 5000
+            total=n_docs, desc=f"encoding {split}", unit="doc", leave=False, disable=(n_docs or 10**9) < 5000
         ) as bar:
-            for docs in self.corpus.texts(split, batch_size=2000):
-                ids = enc.encode(docs)
-                f.write(ids.tobytes())
-                n_tokens += len(ids)
-                n_docs += len(docs)
-                # The separator after each document counts as one character (it stands for a newline).
-                n_chars += sum(map(len, docs)) + len(docs)
-                n_bytes += sum(len(d.encode("utf-8")) for d in docs) + len(docs)
-                bar.update(len(docs))
+            stats = encode_to_file(self.corpus.texts(split, batch_size=2000), enc, f, workers, bar.update)
         os.replace(tmp, folder / "ids.bin")
         meta = {
             "version": CACHE_VERSION,
             "key": folder.name,
             "split": split,
             "dtype": enc.dtype.name,
-            "tokens": n_tokens,
-            "documents": n_docs,
-            "characters": n_chars,
-            "bytes": n_bytes,
+            "tokens": stats.tokens,
+            "documents": stats.documents,
+            "characters": stats.characters,
+            "bytes": stats.bytes,
             "encoder": enc.path,
+            "workers": workers,
             "seconds": round(time.perf_counter() - start, 3),
         }
         _atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
         print(
-            f"rnnlm: encoded {split}: {n_tokens:,} tokens from {n_chars:,} characters in {meta['seconds']:.1f}s "
-            f"({enc.path}) -> {folder}",
+            f"rnnlm: encoded {split}: {stats.tokens:,} tokens from {stats.characters:,} characters in "
+            f"{meta['seconds']:.1f}s ({enc.path}, {workers} process{'es' if workers > 1 else ''}) -> {folder}",
             flush=True,
         )
 
@@ -393,6 +403,24 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> ChunkLoader | list:
         return self.loader("test") if "test" in self.corpus.splits else []
+
+
+@contextlib.contextmanager
+def _tokenizers_parallelism():
+    """Let the Rust side of ``tokenizers`` use every core while it trains a tokenizer.
+
+    The entry points set ``TOKENIZERS_PARALLELISM=false`` so that forked processes never inherit a busy thread
+    pool; training happens before any fork, and forked encoding workers switch parallelism off themselves.
+    """
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _check_positive(name: str, value) -> None:

@@ -14,7 +14,7 @@ import math
 import lightning as L
 import torch
 
-from rnnlm.cpu import keep_freed_memory
+from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accelerator", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     keep_freed_memory()
+    flush_denormals()
     result = evaluate(args.checkpoint, args.split, args.source, args.config_name, args.batch_size, args.bptt,
                       args.accelerator)
     print(

@@ -30,7 +30,7 @@ from rnnlm.checkpointing import (
     TrainingInterrupted,
     load_safely,
 )
-from rnnlm.cpu import keep_freed_memory
+from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel, NonFiniteLossError
 from rnnlm.tracking import choose_wandb_mode
@@ -82,6 +82,7 @@ class RNNLMCLI(LightningCLI):
 def main(args: list[str] | None = None) -> RNNLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()
+    flush_denormals()
     wandb_mode = choose_wandb_mode()
     cli = RNNLMCLI(
         LanguageModel,

@@ -12,6 +12,8 @@ training stream's hidden state and the random-number generators' states of every
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import time
@@ -19,7 +21,6 @@ import warnings
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from tokenizers import Tokenizer
 from torch import Tensor
@@ -35,11 +36,33 @@ LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
 # Settings that change the shapes or meaning of the weights: a checkpoint only continues a run that agrees on them.
 ARCHITECTURE = ("vocab_size", "cell", "num_layers", "embedding_dim", "hidden_size", "input_mode", "tie_weights",
-                "bidirectional", "share_directions")
+                "bidirectional", "share_directions", "output", "adaptive_cutoffs", "adaptive_div_value")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradients became NaN or infinite."""
+
+
+@functools.cache
+def _onednn_has_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def _rnn_kernels_for_cpu_autocast():
+    """Under CPU autocast (``precision="bf16-mixed"``) torch hands the recurrent layers to oneDNN in bf16, which fails
+    on CPUs without bf16 instructions ("could not create a primitive descriptor"). There the recurrent layers run on
+    torch's own kernels, in float32; the decoder and softmax, where large vocabularies spend the time, stay bf16."""
+    low_precision = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
+    if not low_precision or _onednn_has_bf16():
+        yield
+        return
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class LanguageModel(L.LightningModule):
@@ -67,6 +90,9 @@ class LanguageModel(L.LightningModule):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        output: str = "softmax",
+        adaptive_cutoffs: list[int] | None = None,
+        adaptive_div_value: float = 4.0,
         on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
@@ -86,11 +112,20 @@ class LanguageModel(L.LightningModule):
             tie_weights=tie_weights,
             bidirectional=bidirectional,
             share_directions=share_directions,
+            output=output,
+            adaptive_cutoffs=adaptive_cutoffs,
+            adaptive_div_value=adaptive_div_value,
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
+        # nan_strategy="disable": the default NaN check reads a device value on every batch (a GPU sync); a NaN
+        # loss still shows, as a NaN mean.
         self._eval_loss = torch.nn.ModuleDict(
-            {f"{stage}_{direction}": MeanMetric() for stage in ("val", "test") for direction in DIRECTIONS}
+            {
+                f"{stage}_{direction}": MeanMetric(nan_strategy="disable")
+                for stage in ("val", "test")
+                for direction in DIRECTIONS
+            }
         )
         self.tokenizer_json: str | None = None
         self._encoder: tuple[str, Encoder] | None = None
@@ -128,14 +163,21 @@ class LanguageModel(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams(facts)
 
+    def _writing_step(self) -> bool:
+        """Whether the loggers write this step's metrics (Lightning writes every ``log_every_n_steps``)."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # The global gradient norm before clipping (the hook runs before the Trainer clips); logged as a tensor,
-        # so it costs no device sync.
-        norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
-        if grad_norm is not None:
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        # so it costs no device sync, and computed only on the steps that are written (a pass over all gradients).
+        grad_norm = None
+        if self._writing_step():
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+            if grad_norm is not None:
+                self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         if self.hparams.on_nonfinite != "ignore":
+            # The loss every step; the gradients too on the steps where their norm is computed anyway.
             self._check_finite(optimizer, grad_norm)
 
     def _check_finite(self, optimizer, grad_norm: Tensor | None) -> None:
@@ -264,9 +306,10 @@ class LanguageModel(L.LightningModule):
         state = self._state.get(key)
         if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
             state = None  # a different number of streams: nothing to carry
-        logits, state = self.model(x, state, direction)
+        with _rnn_kernels_for_cpu_autocast():
+            loss, state = self.model.loss(x, y, state, direction)
         self._state[key] = detach_state(state)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return loss
 
     def _losses(self, stage: str, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
         """Loss of each direction on this chunk, carrying each direction's state within ``stage``."""
@@ -308,11 +351,17 @@ class LanguageModel(L.LightningModule):
         loss = sum(losses.values()) / len(losses)
         self._last_loss = loss.detach()
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
-        self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
+        # Device tensors: a logger reads them only on the steps it writes (log_every_n_steps), so no per-step sync.
         self.log_dict(metrics, on_step=True, on_epoch=False)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # A Python float becomes a device tensor when logged: only pay that copy on the steps that are written.
-            self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        writing = self._writing_step()
+        if writing or self.device.type == "cpu":
+            # The progress bar turns what it shows into Python numbers after every step, which on a GPU would wait
+            # for the step to finish: there it gets a host copy of the loss on the logging steps only.
+            self.log("loss", metrics["train/loss"].cpu(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        if writing:
+            # A host tensor: a Python float would be copied to the device and back.
+            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            self.log("lr", lr, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -324,7 +373,9 @@ class LanguageModel(L.LightningModule):
         t0, seen = self._tps
         seen += ntok
         if (self.global_step % self.trainer.log_every_n_steps == 0) and now > t0:
-            self.log("train/tokens_per_s", seen / (now - t0), on_step=True, on_epoch=False, prog_bar=True)
+            # A host tensor, so that showing it in the progress bar needs no device sync.
+            rate = torch.tensor(seen / (now - t0))
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, prog_bar=True)
             self._tps = (now, 0)
         else:
             self._tps = (t0, seen)

@@ -32,6 +32,9 @@ from torch import Tensor, nn
 State = Union[Tensor, tuple[Tensor, Tensor]]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+OUTPUTS = ("softmax", "adaptive")
+# Default cluster boundaries of the adaptive softmax: those below the vocabulary size are used.
+DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
 INPUT_MODES = ("embedding", "one_hot")
 DIRECTIONS = ("forward", "backward")
 
@@ -74,6 +77,13 @@ class RNNLM(nn.Module):
         bidirectional: add an independent backward stack (a right-to-left language model).
         share_directions: the backward direction shares the forward one's embedding and output layer (as in
             ELMo); ``False`` gives it its own.
+        output: ``softmax`` (a linear decoder and a full softmax) or ``adaptive``: the adaptive softmax of
+            Grave et al. (2017), a small head over the frequent ids plus clusters of rarer ids in smaller
+            projections. It is an exact distribution, much cheaper when the vocabulary is large, and assumes ids
+            sorted by frequency (the word tokenizer's ids are).
+        adaptive_cutoffs: the cluster boundaries of the adaptive softmax (increasing ids, each below
+            ``vocab_size - 1``); default: those of 2000, 10000, 50000, 200000 below the vocabulary size.
+        adaptive_div_value: each cluster's projection is this many times narrower than the previous one.
     """
 
     def __init__(
@@ -90,6 +100,9 @@ class RNNLM(nn.Module):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        output: str = "softmax",
+        adaptive_cutoffs: list[int] | None = None,
+        adaptive_div_value: float = 4.0,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -109,6 +122,16 @@ class RNNLM(nn.Module):
             ("dropout_output", dropout_output),
         ):
             _probability(name, p)
+        if output not in OUTPUTS:
+            raise ValueError(f"Unknown output {output!r}; choose one of {', '.join(OUTPUTS)}.")
+        if output == "adaptive":
+            adaptive_cutoffs = _adaptive_cutoffs(vocab_size, adaptive_cutoffs, adaptive_div_value, tie_weights)
+            for i in range(1, len(adaptive_cutoffs) + 1):
+                if hidden_size // adaptive_div_value**i < 1:
+                    raise ValueError(
+                        f"adaptive_div_value={adaptive_div_value} leaves cluster {i} with no dimensions "
+                        f"(hidden_size {hidden_size} // {adaptive_div_value}**{i} = 0): lower it or use fewer cutoffs."
+                    )
         if tie_weights and input_mode == "one_hot":
             raise ValueError(
                 "tie_weights needs an embedding table to share, but input_mode='one_hot' has none; "
@@ -120,6 +143,8 @@ class RNNLM(nn.Module):
         self.input_mode = input_mode
         self.num_layers = num_layers
         self.bidirectional = bidirectional
+        self.output = output
+        self._adaptive = (adaptive_cutoffs, adaptive_div_value)
         self._sizes = (vocab_size, embedding_dim, hidden_size, num_layers, dropout_between, tie_weights)
 
         self.drop_in = nn.Dropout(dropout_embedding)
@@ -156,11 +181,17 @@ class RNNLM(nn.Module):
         projection = None
         if tie_weights and hidden_size != embedding_dim:
             projection = nn.Linear(hidden_size, embedding_dim, bias=False)
-        decoder = nn.Linear(embedding_dim if projection is not None else hidden_size, vocab_size)
         # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
         # torch's default U(-1/sqrt(H), 1/sqrt(H)).
         if embedding is not None:
             nn.init.uniform_(embedding.weight, -0.1, 0.1)
+        if self.output == "adaptive":
+            cutoffs, div_value = self._adaptive
+            decoder: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
+                hidden_size, vocab_size, cutoffs, div_value=div_value, head_bias=True
+            )
+            return embedding, rnn, projection, decoder
+        decoder = nn.Linear(embedding_dim if projection is not None else hidden_size, vocab_size)
         nn.init.uniform_(decoder.weight, -0.1, 0.1)
         nn.init.zeros_(decoder.bias)
         if tie_weights:
@@ -180,22 +211,51 @@ class RNNLM(nn.Module):
         """Input vectors x_t of the ids (an embedding row, or the fixed one-hot vector)."""
         embedding = self._parts(direction)[0]
         if embedding is None:
-            return F.one_hot(idx, self.vocab_size).to(self.decoder.weight.dtype)
+            return F.one_hot(idx, self.vocab_size).to(self._parts(direction)[1].weight_ih_l0.dtype)
         return embedding(idx)
 
-    def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
-        """Map token ids ``[B, T]`` to logits ``[B, T, V]`` of the next token and the state after the last step.
-
-        ``direction="backward"`` runs the backward stack; give it the ids in reversed order, and its "next" token
-        is then the previous one of the original order.
-        """
-        _, rnn, projection, decoder = self._parts(direction)
+    def features(
+        self, idx: Tensor, state: State | None = None, direction: str = "forward"
+    ) -> tuple[Tensor, State]:
+        """What the output layer reads: ``[B, T, D]`` after output dropout (and projection), and the last state."""
+        _, rnn, projection, _ = self._parts(direction)
         x = self.drop_in(self.embed(idx, direction))
         h, state = rnn(x, state)
         h = self.drop_out(h)
         if projection is not None:
             h = projection(h)
+        return h, state
+
+    def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
+        """Map token ids ``[B, T]`` to logits ``[B, T, V]`` of the next token and the state after the last step.
+
+        With ``output="adaptive"`` the "logits" are the exact log-probabilities (softmax of them is the model's
+        distribution, so sampling and cross-entropy treat them like logits). ``direction="backward"`` runs the
+        backward stack; give it the ids in reversed order, and its "next" token is then the previous one of the
+        original order.
+        """
+        h, state = self.features(idx, state, direction)
+        decoder = self._parts(direction)[3]
+        if self.output == "adaptive":
+            with _no_autocast(h):
+                return decoder.log_prob(h.reshape(-1, h.size(-1)).float()).view(*h.shape[:-1], -1), state
         return decoder(h), state
+
+    def loss(
+        self, idx: Tensor, targets: Tensor, state: State | None = None, direction: str = "forward"
+    ) -> tuple[Tensor, State]:
+        """Mean cross-entropy (nats/token) of ``targets`` given ``idx``, and the last state.
+
+        The adaptive softmax computes only the clusters that the targets fall in, never the full ``[B, T, V]``
+        distribution; its loss is exactly ``-mean log p(target)``.
+        """
+        h, state = self.features(idx, state, direction)
+        decoder = self._parts(direction)[3]
+        if self.output == "adaptive":
+            with _no_autocast(h):
+                return decoder(h.reshape(-1, h.size(-1)).float(), targets.reshape(-1)).loss, state
+        logits = decoder(h)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)), state
 
     def layer_outputs(self, x: Tensor, direction: str = "forward") -> list[Tensor]:
         """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given (eval use).
@@ -269,6 +329,47 @@ class RNNLM(nn.Module):
         if not out:
             return prompt.new_empty(prompt.size(0), 0)
         return torch.cat(out, dim=1)
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    # The adaptive softmax writes its per-cluster results into one float32 tensor, which mixed-precision
+    # autocast breaks (bf16 into float32); it runs in float32, and is cheap by design.
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _adaptive_cutoffs(
+    vocab_size: int, cutoffs: list[int] | None, div_value: float, tie_weights: bool
+) -> list[int]:
+    """Checked cluster boundaries of the adaptive softmax (the defaults when none are given)."""
+    if tie_weights:
+        raise ValueError(
+            "tie_weights is not supported with output='adaptive' (the adaptive softmax has its own head and cluster "
+            "projections, which do not share the embedding table); use tie_weights=false or output='softmax'."
+        )
+    if div_value <= 0:
+        raise ValueError(f"adaptive_div_value must be positive, got {div_value!r}.")
+    if cutoffs is None:
+        cutoffs = [c for c in DEFAULT_CUTOFFS if c < vocab_size - 1]
+        if not cutoffs:
+            raise ValueError(
+                f"The vocabulary has only {vocab_size} ids, below the smallest default cutoff of the adaptive softmax "
+                f"({DEFAULT_CUTOFFS[0]}): a full softmax is cheap here (output='softmax'), or set adaptive_cutoffs."
+            )
+        return cutoffs
+    cutoffs = list(cutoffs)
+    if (
+        not cutoffs
+        or any(not isinstance(c, int) or isinstance(c, bool) for c in cutoffs)
+        or cutoffs != sorted(set(cutoffs))
+        or cutoffs[0] <= 0
+        or cutoffs[-1] >= vocab_size - 1
+    ):
+        raise ValueError(
+            f"adaptive_cutoffs must be increasing, distinct ids between 1 and vocab_size - 2 = {vocab_size - 2}, "
+            f"got {cutoffs!r}. Ids below the first cutoff go to the head (give the frequent ones), each later range "
+            "to one cluster, e.g. [2000, 10000] for a 33k-word vocabulary."
+        )
+    return cutoffs
 
 
 def _rnn_kwargs(rnn: nn.RNNBase) -> dict:

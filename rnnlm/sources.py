@@ -38,13 +38,23 @@ def digest(*parts: object) -> str:
 class Corpus:
     """The text of each split (column ``text``) and a key that changes whenever that text may have changed."""
 
-    splits: dict  # split name -> datasets.Dataset
+    splits: dict  # split name -> datasets.Dataset, or datasets.IterableDataset when streaming
     keys: dict  # split name -> str
 
     def texts(self, split: str, batch_size: int = 1000):
-        """The documents of ``split``, in batches of plain strings."""
+        """The documents of ``split``, in batches of plain strings (read lazily, also from a stream)."""
         for batch in self.splits[split].iter(batch_size=batch_size):
             yield [t or "" for t in batch["text"]]  # a missing value (CSV cell, JSON null) is an empty document
+
+    def num_documents(self, split: str) -> int | None:
+        """Documents in ``split`` (None for a stream)."""
+        ds = self.splits[split]
+        return len(ds) if hasattr(ds, "__len__") else None
+
+    def size_in_bytes(self, split: str) -> int | None:
+        """The size of the split's table (about its text's size in bytes; None for a stream)."""
+        data = getattr(self.splits[split], "data", None)
+        return data.nbytes if data is not None else None
 
 
 # --------------------------------------------------------------------------------------------- built-in corpus
@@ -93,8 +103,12 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or suffix in {*_BUILDERS, *_TEXT_SUFFIXES} - {""}
 
 
-def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path):
-    """Load ``source`` into a ``datasets.DatasetDict`` (or a single ``Dataset`` for a ``save_to_disk`` folder)."""
+def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path, streaming: bool = False):
+    """Load ``source`` into a ``datasets.DatasetDict`` (or a single ``Dataset`` for a ``save_to_disk`` folder).
+
+    ``streaming=True`` gives ``IterableDataset`` splits for Hub datasets and local files, read as they are iterated.
+    A ``save_to_disk`` folder is memory-mapped already and is loaded as it is.
+    """
     import datasets
 
     if sample_by not in SAMPLE_BY:
@@ -118,7 +132,7 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
             )
         _check_not_empty([path])
         kwargs = _text_kwargs(sample_by) if builder == "text" else {}
-        return _load_local(path, builder, data_files={"train": str(path)}, **kwargs)
+        return _load_local(path, builder, data_files={"train": str(path)}, streaming=streaming, **kwargs)
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
         if not files:
@@ -126,15 +140,15 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
         _check_not_empty(files)
         builder = _builder_for(files)
         if builder == "text":
-            return _load_local(path, "text", data_dir=str(path), **_text_kwargs(sample_by))
-        return _load_local(path, str(path))
+            return _load_local(path, "text", data_dir=str(path), streaming=streaming, **_text_kwargs(sample_by))
+        return _load_local(path, str(path), streaming=streaming)
     if _looks_like_path(source):
         raise DataError(
             f"Data source {source!r} does not exist. Give an existing file or folder, a Hugging Face Hub dataset "
             f"name (e.g. Salesforce/wikitext with config_name wikitext-2-raw-v1), or {BUILTIN_PREFIX}python-docs."
         )
     try:
-        return datasets.load_dataset(source, config_name)
+        return datasets.load_dataset(source, config_name, streaming=streaming)
     except Exception as err:  # the Hub raises many types: not found, gated, offline, bad config
         offline = " (HF_HUB_OFFLINE is set, so the Hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise DataError(
@@ -179,8 +193,13 @@ def load_corpus(
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
     cache_dir: Path | None = None,
+    streaming: bool = False,
 ) -> Corpus:
-    """Load the source, pick the text column and the three splits, carving missing ones from train."""
+    """Load the source, pick the text column and the three splits, carving missing ones from train.
+
+    With ``streaming=True`` the splits are read lazily (``datasets.IterableDataset``); carving needs the whole text,
+    so a streamed source must have its own validation and test splits (or the fractions must be 0).
+    """
     import datasets
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -191,9 +210,11 @@ def load_corpus(
     if val_fraction + test_fraction >= 1.0:
         raise DataError("val_fraction + test_fraction must leave some text for training (sum < 1).")
 
-    raw = load_raw(source, config_name, sample_by, cache_dir)
+    raw = load_raw(source, config_name, sample_by, cache_dir, streaming)
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
+    elif isinstance(raw, datasets.IterableDataset):
+        raw = datasets.IterableDatasetDict({"train": raw})
     available = {k: raw[k] for k in raw}
 
     def find(split: str):
@@ -213,6 +234,8 @@ def load_corpus(
             "Set data.train_split to one of them."
         )
     columns = found["train"].column_names
+    if columns is None:  # a stream whose features are unknown until read
+        columns = list(next(iter(found["train"])).keys())
     if text_field not in columns:
         raise DataError(
             f"The source {source!r} has no field {text_field!r}; its fields are {columns}. Set data.text_field."
@@ -225,9 +248,16 @@ def load_corpus(
             if text_field != "text":
                 ds = ds.rename_column(text_field, "text")
             splits[s] = ds
-            keys[s] = digest(found[s]._fingerprint, text_field, sample_by)
+            keys[s] = digest(_content_key(found[s], source, config_name, s), text_field, sample_by)
 
     carve = [(s, f) for s, f in (("validation", val_fraction), ("test", test_fraction)) if s not in splits and f > 0]
+    if carve and streaming:
+        missing = " and ".join(s for s, _ in carve)
+        raise DataError(
+            f"The streamed source {source!r} has no {missing} split, and carving one from the end of the training "
+            "text needs the whole text first. Use a source with its own splits, set data.val_fraction / "
+            "data.test_fraction to 0 to train without them, or set data.streaming to false."
+        )
     if carve:
         base_key = keys["train"]
         pieces = carve_by_characters(splits["train"], [f for _, f in carve])
@@ -241,6 +271,18 @@ def load_corpus(
             "row. Check data.source and data.text_field."
         )
     return Corpus(splits=splits, keys=keys)
+
+
+def _content_key(ds, source: str, config_name: str | None, split: str) -> str:
+    """What the token cache of a split is keyed by: the dataset's fingerprint, or for a stream (which has none) its
+    name, configuration and split, plus the size and modification time of local files."""
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if fingerprint is not None:
+        return fingerprint
+    path = Path(source).expanduser()
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()) if path.exists() else []
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return digest("stream", source, config_name, split, stats)
 
 
 def _n_chars(ds) -> np.ndarray:

@@ -86,8 +86,10 @@ def count_chars(texts: Iterable[str]) -> Counter[str]:
 
     def flush() -> None:
         if batch:
-            cps, n = np.unique(_code_points("".join(batch)), return_counts=True)
-            counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), n.tolist())})
+            # A histogram over code points: linear time, where np.unique would sort every character.
+            hist = np.bincount(_code_points("".join(batch)))
+            cps = np.flatnonzero(hist)
+            counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), hist[cps].tolist())})
             batch.clear()
 
     size = 0
