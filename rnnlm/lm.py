@@ -382,7 +382,9 @@ class LanguageModel(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, ...]) -> None:
         for direction, loss in self._losses(stage, batch).items():
-            self._eval_loss[f"{stage}_{direction}"].update(loss, weight=batch[1].numel())
+            # Token-weighted: the chunk's mean repeated once per target. (With nan_strategy="disable", torchmetrics
+            # 1.x ignores the `weight` argument, so weighting through it would silently give a plain batch mean.)
+            self._eval_loss[f"{stage}_{direction}"].update(loss.detach().expand(batch[1].numel()))
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step("val", batch)
