@@ -128,11 +128,25 @@ class HandWrittenLoop:
         optimizer: torch.optim.Optimizer,
         clip_val: float | None = None,
         clip_algorithm: str = "norm",
+        bf16: bool = False,
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.device = next(model.parameters()).device
         self.rows = _rows(train_ids, batch_size)
-        self.bptt, self.clip_val, self.clip_algorithm = bptt, clip_val, clip_algorithm
+        if self.device.type == "cuda":
+            self.rows = self.rows.pin_memory()
+        self.bptt, self.clip_val, self.clip_algorithm, self.bf16 = bptt, clip_val, clip_algorithm, bf16
         self.pos, self.state = 0, None
+
+    def _to_device(self, *tensors: Tensor) -> list[Tensor]:
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -146,12 +160,13 @@ class HandWrittenLoop:
         if self.pos >= self.rows.size(1) - 1:
             self.new_epoch()
         n = min(self.bptt, self.rows.size(1) - 1 - self.pos)
-        x, y = self.rows[:, self.pos : self.pos + n], self.rows[:, self.pos + 1 : self.pos + 1 + n]
+        x, y = self._to_device(self.rows[:, self.pos : self.pos + n], self.rows[:, self.pos + 1 : self.pos + 1 + n])
         self.pos += n
         self.model.train()
-        logits, state = self.model(x, _detach(self.state))
+        with self._autocast():
+            logits, state = self.model(x, _detach(self.state))
         self.state = state
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_val:
@@ -166,9 +181,11 @@ class HandWrittenLoop:
         """Tokens/s (wall, CPU) over ``steps`` steps after ``warmup`` untimed ones (time between the ends of steps)."""
         for _ in range(warmup):
             self.step()
+        self.sync()
         start, tokens = clock(), 0
         for _ in range(steps):
             tokens += self.step()[1]
+        self.sync()
         return _rates(tokens, start, clock())
 
     def train_epoch(self, limit: int | None = None) -> float:
@@ -185,16 +202,17 @@ class HandWrittenLoop:
         """Token-weighted mean loss over the stream (state carried, zero at the start)."""
         self.model.eval()
         rows, bptt = _rows(ids, batch_size), bptt or self.bptt
-        state, total, count = None, 0.0, 0
+        state, total, count = None, torch.zeros((), device=self.device), 0
         for k, pos in enumerate(range(0, rows.size(1) - 1, bptt)):
             if max_chunks is not None and k == max_chunks:
                 break
             n = min(bptt, rows.size(1) - 1 - pos)
-            x, y = rows[:, pos : pos + n], rows[:, pos + 1 : pos + 1 + n]
-            logits, state = self.model(x, state)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            x, y = self._to_device(rows[:, pos : pos + n], rows[:, pos + 1 : pos + 1 + n])
+            with self._autocast():
+                logits, state = self.model(x, state)
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
             count += y.numel()
-        return total / max(count, 1)
+        return total.item() / max(count, 1)  # one device read per pass, not per chunk
 
 
 # --------------------------------------------------------------------------------------------- settings from a config
@@ -211,6 +229,7 @@ class Recipe:
     clip_algorithm: str
     scheduler: tuple[str, dict] | None
     seed: int = 1234
+    bf16: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -231,6 +250,7 @@ class Recipe:
             optimizer=optimizer,
             clip_val=c.trainer.gradient_clip_val,
             clip_algorithm=c.trainer.gradient_clip_algorithm or "norm",
+            bf16=str(c.trainer.precision).startswith("bf16"),
             scheduler=(sched.class_path, dict(sched.init_args)) if sched else None,
             seed=c.seed_everything if isinstance(c.seed_everything, int) else 1234,
             extra={"tie_weights": c.model.tie_weights, "output": c.model.get("output", "softmax")},
@@ -242,18 +262,22 @@ class Recipe:
         return getattr(importlib.import_module(module), name)(params, **kwargs)
 
 
-def hand_written_loop(recipe: Recipe, vocab_size: int, train_ids: np.ndarray) -> HandWrittenLoop:
-    model = HandWrittenLM(vocab_size, **recipe.model)
+def hand_written_loop(
+    recipe: Recipe, vocab_size: int, train_ids: np.ndarray, device: torch.device | str = "cpu"
+) -> HandWrittenLoop:
+    model = HandWrittenLM(vocab_size, **recipe.model).to(device)
     return HandWrittenLoop(model, train_ids, recipe.batch_size, recipe.bptt, recipe.make_optimizer(model.parameters()),
-                           recipe.clip_val, recipe.clip_algorithm)
+                           recipe.clip_val, recipe.clip_algorithm, recipe.bf16)
 
 
-def hand_written_run(recipe: Recipe, vocab_size: int, ids: dict, epochs: int, limit: float | None = None) -> dict:
+def hand_written_run(
+    recipe: Recipe, vocab_size: int, ids: dict, epochs: int, limit: float | None = None, device="cpu"
+) -> dict:
     """Train the recipe with the hand-written loop: ``epochs`` epochs (of ``limit`` of the chunks), validation after
     each, the learning rate multiplied by the plateau factor whenever validation does not improve (the classic
     "divide by 4"), the best weights kept and tested. Returns losses, perplexities and timings."""
     torch.manual_seed(recipe.seed)
-    loop = hand_written_loop(recipe, vocab_size, ids["train"])
+    loop = hand_written_loop(recipe, vocab_size, ids["train"], device)
     factor = None
     if recipe.scheduler and recipe.scheduler[0].endswith("ReduceLROnPlateau"):
         factor = recipe.scheduler[1].get("factor", 0.1)
@@ -308,9 +332,11 @@ class _Interleave(L.Callback):
         self.rates: dict[str, list[tuple[float, float]]] = {"rnnlm": [], "hand": []}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.hand = self.make_hand(trainer.datamodule)
+        self.hand = self.make_hand(trainer.datamodule, pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if len(self.stamps) in (self.warmup - 1, self.warmup + self.steps - 1):
+            self.hand.sync()  # on a GPU, wait for the queued steps at the two stamps that bound the timed ones
         self.stamps.append((clock(), batch[1].numel()))
         if len(self.stamps) < self.warmup + self.steps:
             return
@@ -358,7 +384,9 @@ def bench_train(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, pr
                                      "--trainer.max_steps", str(block * repeats)])
         recipe = Recipe.from_cli(cli)
         vocab = cli.datamodule.vocab_size
-        timer = _Interleave(lambda dm: hand_written_loop(recipe, vocab, dm.ids["train"]), warmup, steps, repeats)
+        timer = _Interleave(
+            lambda dm, device: hand_written_loop(recipe, vocab, dm.ids["train"], device), warmup, steps, repeats
+        )
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         result = _summary("train", timer.rates)
@@ -368,10 +396,12 @@ def bench_train(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, pr
 
 
 class _EvalTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.stamps = warmup, []
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.stamps = warmup, steps, []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if pl_module.device.type == "cuda" and len(self.stamps) in (self.warmup - 1, self.warmup + self.steps - 1):
+            torch.cuda.synchronize(pl_module.device)
         self.stamps.append((clock(), batch[1].numel()))
 
     def rate(self) -> tuple[float, float]:
@@ -387,16 +417,19 @@ def bench_eval(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, bat
         data.prepare_data()
         data.setup("validate")
         batch_size = batch_size or recipe.eval_batch_size
-        loop = hand_written_loop(recipe, data.vocab_size, data.ids["train"])
+        loop = None
         loader = data.loader("validation", batch_size=batch_size)
         rates: dict[str, list[tuple[float, float]]] = {"rnnlm": [], "hand": []}
         hand_tokens = steps * batch_size * recipe.bptt
         for _ in range(repeats):
-            timer = _EvalTimer(warmup)
-            trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            timer = _EvalTimer(warmup, steps)
+            trainer = L.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, logger=False,
+                                precision=cli.config.trainer.precision, enable_progress_bar=False,
                                 enable_model_summary=False, limit_val_batches=warmup + steps, callbacks=[timer])
             trainer.validate(model, dataloaders=loader, verbose=False)
             rates["rnnlm"].append(timer.rate())
+            if loop is None:
+                loop = hand_written_loop(recipe, data.vocab_size, data.ids["train"], trainer.strategy.root_device)
             loop.evaluate(data.ids["validation"], batch_size, max_chunks=warmup)
             start = clock()
             loop.evaluate(data.ids["validation"], batch_size, max_chunks=steps)
@@ -469,7 +502,8 @@ def full(rnnlm_args: list[str], epochs: int, limit: float | None, rnnlm_only: bo
         recipe = Recipe.from_cli(cli)
         if recipe.extra["tie_weights"] or recipe.extra["output"] != "softmax":
             print("note: the hand-written loop is untied with a full softmax; the rnnlm side is not.")
-        hand = None if rnnlm_only else hand_written_run(recipe, data.vocab_size, data.ids, epochs, limit)
+        device = trainer.strategy.root_device
+        hand = None if rnnlm_only else hand_written_run(recipe, data.vocab_size, data.ids, epochs, limit, device)
     print(f"rnnlm:        validation ppl {rnnlm_result['val_ppl']:.2f}, test ppl {rnnlm_result['test_ppl']:.2f} "
           f"({rnnlm_result['steps']} steps, {rnnlm_wall / 60:.1f} min wall)")
     if hand is not None:
