@@ -19,16 +19,24 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rnnlm import __version__
-from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state
+from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state, state_batch_size
 from rnnlm.tokenization import Encoder
 
 LN2 = math.log(2)
 
 
 class LanguageModel(L.LightningModule):
-    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``.
+    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``, plus:
 
-    ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it).
+    Args:
+        activation_regularization: AR (Merity et al. 2017): adds ``alpha * mean(h^2)`` of the decoder input (the
+            top layer's output after output dropout) to the training loss.
+        temporal_activation_regularization: TAR: adds ``beta * mean((h_t - h_{t-1})^2)`` of the top layer's output
+            before dropout, so the state moves slowly.
+
+    ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it). With variable-length
+    BPTT (``data.variable_bptt``) the learning rate of each step is scaled by ``chunk length / bptt``, as in
+    AWD-LSTM, so that short chunks do not weigh as much as long ones.
     """
 
     def __init__(
@@ -45,8 +53,18 @@ class LanguageModel(L.LightningModule):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        hidden_sizes: list[int] | None = None,
+        weight_drop: float = 0.0,
+        locked_dropout: bool = False,
+        dropout_words: float = 0.0,
+        activation_regularization: float = 0.0,
+        temporal_activation_regularization: float = 0.0,
     ) -> None:
         super().__init__()
+        for name, value in (("activation_regularization", activation_regularization),
+                            ("temporal_activation_regularization", temporal_activation_regularization)):
+            if value < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value!r}.")
         self.save_hyperparameters()
         self.model = RNNLM(
             vocab_size=vocab_size,
@@ -61,6 +79,10 @@ class LanguageModel(L.LightningModule):
             tie_weights=tie_weights,
             bidirectional=bidirectional,
             share_directions=share_directions,
+            hidden_sizes=hidden_sizes,
+            weight_drop=weight_drop,
+            locked_dropout=locked_dropout,
+            dropout_words=dropout_words,
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
@@ -72,6 +94,8 @@ class LanguageModel(L.LightningModule):
         self.chars_per_token: dict[str, float] = {}
         self._data_facts: dict = {}
         self._tps: tuple[float, int] | None = None
+        self._penalties: list[Tensor] = []  # AR/TAR terms of the current training step
+        self._unscaled_lrs: list[float] | None = None  # learning rates before this step's length scaling
 
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
@@ -133,11 +157,22 @@ class LanguageModel(L.LightningModule):
     # ----------------------------------------------------------------------------------------- steps
     def _direction_loss(self, key: str, direction: str, x: Tensor, y: Tensor) -> Tensor:
         state = self._state.get(key)
-        if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
+        if state is not None and state_batch_size(state) != x.size(0):
             state = None  # a different number of streams: nothing to carry
-        logits, state = self.model(x, state, direction)
+        top, state = self.model.recurrent(x, state, direction)
         self._state[key] = detach_state(state)
+        hidden = self.model.head_input(top, direction)
+        if self.training:
+            self._activation_penalties(top, hidden)
+        logits = self.model.decode(hidden, direction)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+    def _activation_penalties(self, top: Tensor, hidden: Tensor) -> None:
+        alpha, beta = self.hparams.activation_regularization, self.hparams.temporal_activation_regularization
+        if alpha > 0:
+            self._penalties.append(alpha * hidden.float().pow(2).mean())
+        if beta > 0 and top.size(1) > 1:
+            self._penalties.append(beta * (top[:, 1:] - top[:, :-1]).float().pow(2).mean())
 
     def _losses(self, stage: str, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
         """Loss of each direction on this chunk, carrying each direction's state within ``stage``."""
@@ -166,17 +201,51 @@ class LanguageModel(L.LightningModule):
         return metrics
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        self._penalties = []
         losses = self._losses("train", batch)
         loss = sum(losses.values()) / len(losses)
+        if self._penalties:
+            penalty = sum(self._penalties) / len(losses)
+            self.log("train/activation_penalty", penalty.detach(), on_step=True, on_epoch=False)
+            loss = loss + penalty
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
         self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # A Python float becomes a device tensor when logged: only pay that copy on the steps that are written.
-            self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+            lr = self._unscaled_lrs[0] if self._unscaled_lrs else self.optimizers().param_groups[0]["lr"]
+            self.log("lr", lr, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_batch_start(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        # Variable-length BPTT: this step's learning rate is scaled by its chunk length / bptt (restored after).
+        loader = self.trainer.train_dataloader
+        if not getattr(loader, "variable_length", False):
+            return
+        self._restore_lrs()  # a batch that did not step (gradient accumulation) left its scaling behind
+        scale = batch[0].size(1) / loader.bptt
+        groups = [g for opt in self.trainer.optimizers for g in opt.param_groups]
+        self._unscaled_lrs = [g["lr"] for g in groups]
+        for group in groups:
+            group["lr"] = group["lr"] * scale
+
+    def _restore_lrs(self) -> None:
+        if self._unscaled_lrs is not None:
+            groups = [g for opt in self.trainer.optimizers for g in opt.param_groups]
+            for group, lr in zip(groups, self._unscaled_lrs):
+                group["lr"] = lr
+            self._unscaled_lrs = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Restored right after the step, so that whatever runs next (callbacks, checkpoints, schedulers) sees the
+        # configured learning rate.
+        try:
+            super().optimizer_step(*args, **kwargs)
+        finally:
+            self._restore_lrs()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._restore_lrs()
         # Tokens/s over each logging window; no device sync, which would stall a GPU every step.
         now, ntok = time.perf_counter(), batch[1].numel() * self.trainer.world_size
         if self._tps is None:
