@@ -153,10 +153,15 @@ class NTASGD(L.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.monitor not in trainer.callback_metrics:
             return
         loss = float(trainer.callback_metrics[self.monitor])
-        earlier = self.history[: len(self.history) - self.patience]
-        if not self.averaging and earlier and loss > min(earlier):
+        if not self.averaging and self.should_start(self.history, loss, self.patience):
             self._start(trainer, pl_module)
         self.history.append(loss)
+
+    @staticmethod
+    def should_start(history: list[float], loss: float, patience: int) -> bool:
+        """The non-monotone trigger: ``loss`` is worse than the best of the checks before the last ``patience``."""
+        earlier = history[: len(history) - patience]
+        return bool(earlier) and loss > min(earlier)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run: the checkpoint's state_dict held the averages; put the training weights back.
