@@ -58,6 +58,10 @@ class LMDataModule(L.LightningDataModule):
         bptt: chunk length T: backpropagation runs through T steps, the state is carried further.
         eval_batch_size: streams per rank for validation and test (default: batch_size).
         bidirectional: also serve the backward direction's chunks (set from model.bidirectional by the CLI).
+        variable_bptt: draw the training chunk lengths around ``bptt`` anew each epoch, as AWD-LSTM does (the
+            streams stay contiguous; the model scales each step's learning rate by its length). Needs
+            ``trainer.reload_dataloaders_every_n_epochs: 1`` so the Trainer picks up each epoch's schedule.
+        variable_bptt_seed: seeds the lengths together with the epoch (default: the run's ``seed_everything``).
         cache_dir: where tokenizers and token ids are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
         streaming: read the source as a stream (``datasets`` streaming mode) instead of downloading and converting
             it first: for corpora larger than the disk or memory. The ids are still written to the cache, task by
@@ -88,6 +92,8 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         streaming: bool = False,
         encode_workers: int | None = None,
+        variable_bptt: bool = False,
+        variable_bptt_seed: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("bptt", bptt), ("min_frequency", min_frequency)):
@@ -363,7 +369,14 @@ class LMDataModule(L.LightningDataModule):
         rows = rank_rows(self.ids[split], batch_size, world, rank)
         trainer = self.trainer
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return ChunkLoader(rows, bptt, pin_memory=pin, bidirectional=self.hparams.bidirectional)
+        if split != "train" or not self.hparams.variable_bptt:
+            return ChunkLoader(rows, bptt, pin_memory=pin, bidirectional=self.hparams.bidirectional)
+        seed = self.hparams.variable_bptt_seed
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set on every rank by seed_everything
+        epoch = trainer.current_epoch if trainer is not None else 0
+        return ChunkLoader(rows, bptt, pin_memory=pin, bidirectional=self.hparams.bidirectional,
+                           variable_length=True, seed=seed, epoch=epoch)
 
     def facts(self) -> dict:
         """What a run trains on, for experiment tracking (plain types)."""
@@ -396,6 +409,13 @@ class LMDataModule(L.LightningDataModule):
         return st["bytes"] / max(st["tokens"], 1)
 
     def train_dataloader(self) -> ChunkLoader:
+        trainer = self.trainer
+        if self.hparams.variable_bptt and trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise DataError(
+                "data.variable_bptt draws new chunk lengths every epoch, so the Trainer must rebuild the training "
+                "loader every epoch: set trainer.reload_dataloaders_every_n_epochs: 1 (it is "
+                f"{trainer.reload_dataloaders_every_n_epochs})."
+            )
         return self.loader("train")
 
     def val_dataloader(self) -> ChunkLoader | list:

@@ -28,7 +28,7 @@ from torchmetrics import MeanMetric
 
 from rnnlm import __version__
 from rnnlm.checkpointing import CheckpointError, load_safely
-from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state
+from rnnlm.model import DIRECTIONS, RNNLM, State, detach_state, state_batch_size
 from rnnlm.streams import ChunkLoader
 from rnnlm.tokenization import Encoder
 
@@ -36,7 +36,7 @@ LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
 # Settings that change the shapes or meaning of the weights: a checkpoint only continues a run that agrees on them.
 ARCHITECTURE = ("vocab_size", "cell", "num_layers", "embedding_dim", "hidden_size", "input_mode", "tie_weights",
-                "bidirectional", "share_directions", "output", "adaptive_cutoffs", "adaptive_div_value")
+                "bidirectional", "share_directions", "output", "adaptive_cutoffs", "adaptive_div_value", "hidden_sizes")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,9 +66,17 @@ def _rnn_kernels_for_cpu_autocast():
 
 
 class LanguageModel(L.LightningModule):
-    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``.
+    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks; arguments as in ``RNNLM``, plus:
 
-    ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it).
+    Args:
+        activation_regularization: AR (Merity et al. 2017): adds ``alpha * mean(h^2)`` of the decoder input (the
+            top layer's output after output dropout) to the training loss.
+        temporal_activation_regularization: TAR: adds ``beta * mean((h_t - h_{t-1})^2)`` of the top layer's output
+            before dropout, so the state moves slowly.
+
+    ``vocab_size`` comes from the data module (LightningCLI links ``data.vocab_size`` to it). With variable-length
+    BPTT (``data.variable_bptt``) the learning rate of each step is scaled by ``chunk length / bptt``, as in
+    AWD-LSTM, so that short chunks do not weigh as much as long ones.
 
     ``on_nonfinite`` says what a NaN or infinite training loss (or gradient) does: ``stop`` (default) writes a
     checkpoint of the state before that step and stops with an explanation; ``skip`` drops the step (no weight
@@ -90,12 +98,22 @@ class LanguageModel(L.LightningModule):
         tie_weights: bool = False,
         bidirectional: bool = False,
         share_directions: bool = True,
+        hidden_sizes: list[int] | None = None,
+        weight_drop: float = 0.0,
+        locked_dropout: bool = False,
+        dropout_words: float = 0.0,
+        activation_regularization: float = 0.0,
+        temporal_activation_regularization: float = 0.0,
         output: str = "softmax",
         adaptive_cutoffs: list[int] | None = None,
         adaptive_div_value: float = 4.0,
         on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        for name, value in (("activation_regularization", activation_regularization),
+                            ("temporal_activation_regularization", temporal_activation_regularization)):
+            if value < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value!r}.")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
         self.save_hyperparameters()
@@ -115,6 +133,10 @@ class LanguageModel(L.LightningModule):
             output=output,
             adaptive_cutoffs=adaptive_cutoffs,
             adaptive_div_value=adaptive_div_value,
+            hidden_sizes=hidden_sizes,
+            weight_drop=weight_drop,
+            locked_dropout=locked_dropout,
+            dropout_words=dropout_words,
         )
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
@@ -136,6 +158,8 @@ class LanguageModel(L.LightningModule):
         self._before_step: dict = {}  # stream position and carried state before the current step
         self._last_loss: Tensor | None = None
         self.skipped_steps = 0
+        self._penalties: list[Tensor] = []  # AR/TAR terms of the current training step
+        self._unscaled_lrs: list[float] | None = None  # learning rates before this step's length scaling
 
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
@@ -304,12 +328,22 @@ class LanguageModel(L.LightningModule):
     # ----------------------------------------------------------------------------------------- steps
     def _direction_loss(self, key: str, direction: str, x: Tensor, y: Tensor) -> Tensor:
         state = self._state.get(key)
-        if state is not None and (state[0] if isinstance(state, tuple) else state).size(1) != x.size(0):
+        if state is not None and state_batch_size(state) != x.size(0):
             state = None  # a different number of streams: nothing to carry
         with _rnn_kernels_for_cpu_autocast():
-            loss, state = self.model.loss(x, y, state, direction)
+            top, state = self.model.recurrent(x, state, direction)
         self._state[key] = detach_state(state)
-        return loss
+        hidden = self.model.head_input(top, direction)
+        if self.training:
+            self._activation_penalties(top, hidden)
+        return self.model.head_loss(hidden, y, direction)
+
+    def _activation_penalties(self, top: Tensor, hidden: Tensor) -> None:
+        alpha, beta = self.hparams.activation_regularization, self.hparams.temporal_activation_regularization
+        if alpha > 0:
+            self._penalties.append(alpha * hidden.float().pow(2).mean())
+        if beta > 0 and top.size(1) > 1:
+            self._penalties.append(beta * (top[:, 1:] - top[:, :-1]).float().pow(2).mean())
 
     def _losses(self, stage: str, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
         """Loss of each direction on this chunk, carrying each direction's state within ``stage``."""
@@ -343,6 +377,7 @@ class LanguageModel(L.LightningModule):
             "position": batch_idx,
             "state": {k: v for k, v in self._state.items() if k.split("/")[0] == "train"},
         }
+        self._penalties = []
         losses = self._losses("train", batch)
         if isinstance(loader, ChunkLoader):
             # What a checkpoint written after this step resumes from; 0 once the epoch is done (the Trainer may
@@ -350,6 +385,10 @@ class LanguageModel(L.LightningModule):
             loader.position = 0 if batch_idx + 1 >= self.trainer.num_training_batches else batch_idx + 1
         loss = sum(losses.values()) / len(losses)
         self._last_loss = loss.detach()
+        if self._penalties:
+            penalty = sum(self._penalties) / len(losses)
+            self.log("train/activation_penalty", penalty.detach(), on_step=True, on_epoch=False)
+            loss = loss + penalty
         metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
         # Device tensors: a logger reads them only on the steps it writes (log_every_n_steps), so no per-step sync.
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -360,11 +399,40 @@ class LanguageModel(L.LightningModule):
             self.log("loss", metrics["train/loss"].cpu(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         if writing:
             # A host tensor: a Python float would be copied to the device and back.
-            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            lr = self._unscaled_lrs[0] if self._unscaled_lrs else self.optimizers().param_groups[0]["lr"]
+            lr = torch.tensor(float(lr))
             self.log("lr", lr, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_batch_start(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        # Variable-length BPTT: this step's learning rate is scaled by its chunk length / bptt (restored after).
+        loader = self.trainer.train_dataloader
+        if not getattr(loader, "variable_length", False):
+            return
+        self._restore_lrs()  # a batch that did not step (gradient accumulation) left its scaling behind
+        scale = batch[0].size(1) / loader.bptt
+        groups = [g for opt in self.trainer.optimizers for g in opt.param_groups]
+        self._unscaled_lrs = [g["lr"] for g in groups]
+        for group in groups:
+            group["lr"] = group["lr"] * scale
+
+    def _restore_lrs(self) -> None:
+        if self._unscaled_lrs is not None:
+            groups = [g for opt in self.trainer.optimizers for g in opt.param_groups]
+            for group, lr in zip(groups, self._unscaled_lrs):
+                group["lr"] = lr
+            self._unscaled_lrs = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Restored right after the step, so that whatever runs next (callbacks, checkpoints, schedulers) sees the
+        # configured learning rate.
+        try:
+            super().optimizer_step(*args, **kwargs)
+        finally:
+            self._restore_lrs()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._restore_lrs()
         # Tokens/s over each logging window; no device sync, which would stall a GPU every step.
         now, ntok = time.perf_counter(), batch[1].numel() * self.trainer.world_size
         if self._tps is None:

@@ -13,6 +13,11 @@ where x_t is a fixed one-hot vector and W_xh is the RNN's own input weight. With
 The hidden state is an explicit input and output of ``forward`` so that any caller can carry it across chunks
 (truncated BPTT); ``h_0`` is zeros when no state is given.
 
+AWD-LSTM regularisation (Merity et al. 2017, "Regularizing and Optimizing LSTM Language Models") is built in, each
+part off by default: weight drop (DropConnect on the hidden-to-hidden weights), locked (variational) dropout,
+embedding dropout of whole words, and a size per layer. When one of them needs it, the recurrent stack runs its
+layers one by one (:class:`LayerStack`), each still a fused kernel call; otherwise it is one fused multi-layer module.
+
 ``bidirectional=True`` adds a second, independent recurrent stack that reads the stream right to left and
 predicts the previous token (a backward language model, as in ELMo). It is deliberately *not*
 ``nn.LSTM(bidirectional=True)``: that module feeds both directions' outputs to the next layer, so from layer 2 on
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = Union[Tensor, tuple[Tensor, Tensor]]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
+State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 OUTPUTS = ("softmax", "adaptive")
@@ -40,12 +45,25 @@ DIRECTIONS = ("forward", "backward")
 
 
 def detach_state(state: State | None) -> State | None:
-    """Cut the graph behind a carried state, so backpropagation stops at the chunk boundary."""
+    """Cut the graph behind a carried state, so backpropagation stops at the chunk boundary.
+
+    A state is a tensor ``[L, B, H]``, an LSTM's ``(h, c)`` pair, or (for a :class:`LayerStack`) a list with one
+    such state per layer.
+    """
     if state is None:
         return None
+    if isinstance(state, list):
+        return [detach_state(s) for s in state]  # type: ignore[misc]
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+        return tuple(detach_state(s) for s in state)  # type: ignore[return-value]
     return state.detach()
+
+
+def state_batch_size(state: State) -> int:
+    """Number of streams a carried state is for (its dimension 1, whatever its nesting)."""
+    while not isinstance(state, Tensor):
+        state = state[0]  # type: ignore[index]
+    return state.size(1)
 
 
 def _positive(name: str, value: int) -> None:
@@ -56,6 +74,104 @@ def _positive(name: str, value: int) -> None:
 def _probability(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+
+
+_FUSED_CALLS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}
+
+
+def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> nn.RNNBase:
+    """torch's fused recurrent module for ``cell`` (batch first)."""
+    kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
+                  batch_first=True)
+    if cell == "lstm":
+        return nn.LSTM(**kwargs)
+    if cell == "gru":
+        return nn.GRU(**kwargs)
+    return nn.RNN(nonlinearity=cell.removeprefix("rnn_"), **kwargs)
+
+
+class LockedDropout(nn.Module):
+    """Variational dropout (Gal & Ghahramani 2016): one mask per sequence, the same at every time step of a chunk.
+
+    Inputs are ``[B, T, D]``; the mask is ``[B, 1, D]``, scaled by ``1 / (1 - p)`` so eval needs no rescaling.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerStack(nn.Module):
+    """Recurrent layers run one after the other, for what one fused multi-layer module cannot do: a size per layer,
+    locked dropout between layers and weight drop.
+
+    Weight drop (DropConnect on W_hh, Wan et al. 2013, as used by AWD-LSTM) draws one mask over the recurrent
+    weight matrix per forward call, so the same dropped connections are used at every time step. The dropped
+    matrix is written together with the layer's other weights into one fresh contiguous buffer, in the order
+    (W_ih, W_hh, b_ih, b_hh) that cuDNN's packed-weight layout has for a single layer, and views of that buffer
+    go straight to the fused kernel (``torch.lstm`` & co.). cuDNN then finds its weights packed and runs at full
+    speed: no per-step "weights are not part of single contiguous chunk of memory" repacking, no warning, and no
+    module attribute swapping (the slow path of the reference implementation). Gradients reach W_hh through the
+    mask as usual.
+
+    Each layer is a one-layer torch module (``layers.<i>.weight_hh_l0`` in the state dict); the state is a list
+    with one entry per layer in that module's own format (``[1, B, H]``, or ``(h, c)`` for an LSTM).
+    """
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_sizes: list[int],
+        dropout_between: float = 0.0,
+        locked_dropout: bool = False,
+        weight_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.cell = cell
+        self.hidden_sizes = list(hidden_sizes)
+        self.weight_drop = weight_drop
+        inputs = [input_size, *hidden_sizes[:-1]]
+        self.layers = nn.ModuleList(make_rnn(cell, i, h) for i, h in zip(inputs, hidden_sizes))
+        self.drop_between = LockedDropout(dropout_between) if locked_dropout else nn.Dropout(dropout_between)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _run_layer(self, layer: nn.RNNBase, x: Tensor, state: State | None) -> tuple[Tensor, State]:
+        if not (self.training and self.weight_drop > 0):
+            return layer(x, state)
+        w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+        dropped = F.dropout(w_hh, self.weight_drop, training=True)
+        parts = (w_ih, dropped, b_ih, b_hh)
+        packed = torch.cat([t.reshape(-1) for t in parts])
+        weights = [flat.view(t.shape) for flat, t in zip(packed.split([t.numel() for t in parts]), parts)]
+        if state is None:
+            zeros = x.new_zeros(1, x.size(0), layer.hidden_size)
+            state = (zeros, zeros) if self.cell == "lstm" else zeros
+        hx = list(state) if self.cell == "lstm" else state
+        # Arguments: weights, has_biases, num_layers, dropout, train, bidirectional, batch_first.
+        out = _FUSED_CALLS[self.cell](x, hx, weights, True, 1, 0.0, True, False, True)
+        return out[0], (out[1], out[2]) if self.cell == "lstm" else out[1]
+
+    def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+        states = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = self.drop_between(x)
+            x, layer_state = self._run_layer(layer, x, None if state is None else state[i])
+            states.append(layer_state)
+        return x, states
 
 
 class RNNLM(nn.Module):
@@ -69,11 +185,11 @@ class RNNLM(nn.Module):
         hidden_size: size of each recurrent layer's state.
         input_mode: ``embedding`` (a learned lookup table) or ``one_hot`` (fixed one-hot inputs fed straight
             into the RNN, whose input weight is then W_xh).
-        dropout_embedding: dropout on the input vectors.
-        dropout_between: dropout between stacked recurrent layers.
-        dropout_output: dropout on the top layer's output, before the decoder.
-        tie_weights: share the embedding table with the decoder (Press & Wolf 2017; Inan et al. 2017). When
-            ``hidden_size != embedding_dim`` a linear projection maps the hidden state to the embedding size.
+        dropout_embedding: dropout on the input vectors (AWD-LSTM's ``dropouti``).
+        dropout_between: dropout between stacked recurrent layers (``dropouth``).
+        dropout_output: dropout on the top layer's output, before the decoder (``dropout``).
+        tie_weights: share the embedding table with the decoder (Press & Wolf 2017; Inan et al. 2017). When the top
+            layer's size differs from ``embedding_dim`` a linear projection maps it to the embedding size.
         bidirectional: add an independent backward stack (a right-to-left language model).
         share_directions: the backward direction shares the forward one's embedding and output layer (as in
             ELMo); ``False`` gives it its own.
@@ -84,6 +200,12 @@ class RNNLM(nn.Module):
         adaptive_cutoffs: the cluster boundaries of the adaptive softmax (increasing ids, each below
             ``vocab_size - 1``); default: those of 2000, 10000, 50000, 200000 below the vocabulary size.
         adaptive_div_value: each cluster's projection is this many times narrower than the previous one.
+        hidden_sizes: one size per layer (``num_layers`` entries), overriding ``hidden_size``; AWD-LSTM makes the
+            last one ``embedding_dim`` so that tying needs no projection (e.g. ``[1150, 1150, 400]``).
+        weight_drop: DropConnect probability on the hidden-to-hidden weights (``wdrop``), one mask per chunk.
+        locked_dropout: make the three dropouts above variational (one mask per sequence for the whole chunk).
+        dropout_words: embedding dropout (``dropoute``): drop whole words, i.e. the same word everywhere in a
+            chunk, scaling the kept ones by ``1 / (1 - p)``.
     """
 
     def __init__(
@@ -103,6 +225,10 @@ class RNNLM(nn.Module):
         output: str = "softmax",
         adaptive_cutoffs: list[int] | None = None,
         adaptive_div_value: float = 4.0,
+        hidden_sizes: list[int] | None = None,
+        weight_drop: float = 0.0,
+        locked_dropout: bool = False,
+        dropout_words: float = 0.0,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -120,11 +246,22 @@ class RNNLM(nn.Module):
             ("dropout_embedding", dropout_embedding),
             ("dropout_between", dropout_between),
             ("dropout_output", dropout_output),
+            ("weight_drop", weight_drop),
+            ("dropout_words", dropout_words),
         ):
             _probability(name, p)
+        if hidden_sizes is not None:
+            if len(hidden_sizes) != num_layers:
+                raise ValueError(
+                    f"hidden_sizes has {len(hidden_sizes)} entries but num_layers is {num_layers}: give one size per "
+                    "layer (or set num_layers to match)."
+                )
+            for i, size in enumerate(hidden_sizes):
+                _positive(f"hidden_sizes[{i}]", size)
         if output not in OUTPUTS:
             raise ValueError(f"Unknown output {output!r}; choose one of {', '.join(OUTPUTS)}.")
         if output == "adaptive":
+            hidden_size = hidden_sizes[-1] if hidden_sizes is not None else hidden_size
             adaptive_cutoffs = _adaptive_cutoffs(vocab_size, adaptive_cutoffs, adaptive_div_value, tie_weights)
             for i in range(1, len(adaptive_cutoffs) + 1):
                 if hidden_size // adaptive_div_value**i < 1:
@@ -145,33 +282,40 @@ class RNNLM(nn.Module):
         self.bidirectional = bidirectional
         self.output = output
         self._adaptive = (adaptive_cutoffs, adaptive_div_value)
-        self._sizes = (vocab_size, embedding_dim, hidden_size, num_layers, dropout_between, tie_weights)
+        self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [hidden_size] * num_layers
+        self.weight_drop = weight_drop
+        self.locked_dropout = locked_dropout
+        self.dropout_words = dropout_words
+        self._sizes = (vocab_size, embedding_dim, dropout_between, tie_weights)
 
-        self.drop_in = nn.Dropout(dropout_embedding)
-        self.drop_out = nn.Dropout(dropout_output)
+        drop = LockedDropout if locked_dropout else nn.Dropout
+        self.drop_in = drop(dropout_embedding)
+        self.drop_out = drop(dropout_output)
         self.embedding, self.rnn, self.projection, self.decoder = self._direction_modules(share=None)
         if bidirectional:
             shared = (self.embedding, self.projection, self.decoder) if share_directions else None
             parts = self._direction_modules(share=shared)
             self.embedding_backward, self.rnn_backward, self.projection_backward, self.decoder_backward = parts
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether the stack runs layer by layer (needed for per-layer sizes, weight drop, locked dropout between)."""
+        _, _, dropout_between, _ = self._sizes
+        locked_between = self.locked_dropout and dropout_between > 0 and self.num_layers > 1
+        return len(set(self.hidden_sizes)) > 1 or self.weight_drop > 0 or locked_between
+
     def _direction_modules(self, share: tuple | None) -> tuple:
         """Embedding, recurrent stack, projection and decoder of one direction (input/output layers shared or new)."""
-        vocab_size, embedding_dim, hidden_size, num_layers, dropout_between, tie_weights = self._sizes
+        vocab_size, embedding_dim, dropout_between, tie_weights = self._sizes
         input_size = embedding_dim if self.input_mode == "embedding" else vocab_size
-        rnn_kwargs = dict(
-            input_size=input_size,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            dropout=dropout_between if num_layers > 1 else 0.0,
-            batch_first=True,
-        )
-        if self.cell == "lstm":
-            rnn: nn.RNNBase = nn.LSTM(**rnn_kwargs)
-        elif self.cell == "gru":
-            rnn = nn.GRU(**rnn_kwargs)
+        top = self.hidden_sizes[-1]
+        if self.per_layer:
+            rnn: nn.Module = LayerStack(
+                self.cell, input_size, self.hidden_sizes, dropout_between, self.locked_dropout, self.weight_drop
+            )
         else:
-            rnn = nn.RNN(nonlinearity=self.cell.removeprefix("rnn_"), **rnn_kwargs)
+            # One fused call for the whole stack: the fastest path, and the plain model's state-dict names.
+            rnn = make_rnn(self.cell, input_size, top, self.num_layers, dropout_between if self.num_layers > 1 else 0.0)
         if share is not None:
             embedding, projection, decoder = share
             return embedding, rnn, projection, decoder
@@ -179,8 +323,9 @@ class RNNLM(nn.Module):
         embedding = nn.Embedding(vocab_size, embedding_dim) if self.input_mode == "embedding" else None
         # Tying needs the decoder input to have the embedding's size.
         projection = None
-        if tie_weights and hidden_size != embedding_dim:
-            projection = nn.Linear(hidden_size, embedding_dim, bias=False)
+        if tie_weights and top != embedding_dim:
+            projection = nn.Linear(top, embedding_dim, bias=False)
+        head_size = embedding_dim if projection is not None else top
         # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
         # torch's default U(-1/sqrt(H), 1/sqrt(H)).
         if embedding is not None:
@@ -188,10 +333,10 @@ class RNNLM(nn.Module):
         if self.output == "adaptive":
             cutoffs, div_value = self._adaptive
             decoder: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
-                hidden_size, vocab_size, cutoffs, div_value=div_value, head_bias=True
+                head_size, vocab_size, cutoffs, div_value=div_value, head_bias=True
             )
             return embedding, rnn, projection, decoder
-        decoder = nn.Linear(embedding_dim if projection is not None else hidden_size, vocab_size)
+        decoder = nn.Linear(head_size, vocab_size)
         nn.init.uniform_(decoder.weight, -0.1, 0.1)
         nn.init.zeros_(decoder.bias)
         if tie_weights:
@@ -214,17 +359,53 @@ class RNNLM(nn.Module):
             return F.one_hot(idx, self.vocab_size).to(self._parts(direction)[1].weight_ih_l0.dtype)
         return embedding(idx)
 
-    def features(
-        self, idx: Tensor, state: State | None = None, direction: str = "forward"
-    ) -> tuple[Tensor, State]:
-        """What the output layer reads: ``[B, T, D]`` after output dropout (and projection), and the last state."""
-        _, rnn, projection, _ = self._parts(direction)
-        x = self.drop_in(self.embed(idx, direction))
-        h, state = rnn(x, state)
-        h = self.drop_out(h)
-        if projection is not None:
-            h = projection(h)
-        return h, state
+    def _drop_words(self, x: Tensor, idx: Tensor) -> Tensor:
+        # One keep/drop draw per vocabulary entry, looked up per position: the same as masking the embedding table's
+        # rows (Gal & Ghahramani 2016) without touching the whole table.
+        if not self.training or self.dropout_words == 0:
+            return x
+        keep = x.new_empty(self.vocab_size).bernoulli_(1 - self.dropout_words).div_(1 - self.dropout_words)
+        return x * keep[idx].unsqueeze(-1)
+
+    def recurrent(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
+        """The top recurrent layer's output ``[B, T, H]`` (before output dropout) and the state after the last step."""
+        rnn = self._parts(direction)[1]
+        x = self.drop_in(self._drop_words(self.embed(idx, direction), idx))
+        return rnn(x, state)
+
+    def head_input(self, top: Tensor, direction: str = "forward") -> Tensor:
+        """What the decoder reads from the top layer's output: after output dropout and the tying projection."""
+        projection = self._parts(direction)[2]
+        h = self.drop_out(top)
+        return projection(h) if projection is not None else h
+
+    def features(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
+        """The decoder's input ``[B, T, D]`` for ids ``[B, T]`` and the state after the last step."""
+        top, state = self.recurrent(idx, state, direction)
+        return self.head_input(top, direction), state
+
+    def decode(self, hidden: Tensor, direction: str = "forward") -> Tensor:
+        """Logits ``[B, T, V]`` of the decoder input ``hidden`` (exact log-probabilities with the adaptive softmax,
+        which sampling and cross-entropy treat like logits)."""
+        decoder = self._parts(direction)[3]
+        if self.output == "adaptive":
+            with _no_autocast(hidden):
+                flat = hidden.reshape(-1, hidden.size(-1)).float()
+                return decoder.log_prob(flat).view(*hidden.shape[:-1], -1)
+        return decoder(hidden)
+
+    def head_loss(self, hidden: Tensor, targets: Tensor, direction: str = "forward") -> Tensor:
+        """Mean cross-entropy (nats/token) of ``targets`` from the decoder input ``hidden``.
+
+        The adaptive softmax computes only the clusters that the targets fall in, never the full ``[B, T, V]``
+        distribution; its loss is exactly ``-mean log p(target)``.
+        """
+        decoder = self._parts(direction)[3]
+        if self.output == "adaptive":
+            with _no_autocast(hidden):
+                return decoder(hidden.reshape(-1, hidden.size(-1)).float(), targets.reshape(-1)).loss
+        logits = decoder(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
     def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
         """Map token ids ``[B, T]`` to logits ``[B, T, V]`` of the next token and the state after the last step.
@@ -234,28 +415,15 @@ class RNNLM(nn.Module):
         backward stack; give it the ids in reversed order, and its "next" token is then the previous one of the
         original order.
         """
-        h, state = self.features(idx, state, direction)
-        decoder = self._parts(direction)[3]
-        if self.output == "adaptive":
-            with _no_autocast(h):
-                return decoder.log_prob(h.reshape(-1, h.size(-1)).float()).view(*h.shape[:-1], -1), state
-        return decoder(h), state
+        hidden, state = self.features(idx, state, direction)
+        return self.decode(hidden, direction), state
 
     def loss(
         self, idx: Tensor, targets: Tensor, state: State | None = None, direction: str = "forward"
     ) -> tuple[Tensor, State]:
-        """Mean cross-entropy (nats/token) of ``targets`` given ``idx``, and the last state.
-
-        The adaptive softmax computes only the clusters that the targets fall in, never the full ``[B, T, V]``
-        distribution; its loss is exactly ``-mean log p(target)``.
-        """
-        h, state = self.features(idx, state, direction)
-        decoder = self._parts(direction)[3]
-        if self.output == "adaptive":
-            with _no_autocast(h):
-                return decoder(h.reshape(-1, h.size(-1)).float(), targets.reshape(-1)).loss, state
-        logits = decoder(h)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)), state
+        """Mean cross-entropy (nats/token) of ``targets`` given ``idx``, and the last state."""
+        hidden, state = self.features(idx, state, direction)
+        return self.head_loss(hidden, targets, direction), state
 
     def layer_outputs(self, x: Tensor, direction: str = "forward") -> list[Tensor]:
         """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given (eval use).
@@ -264,6 +432,11 @@ class RNNLM(nn.Module):
         """
         rnn = self._parts(direction)[1]
         outputs, h = [], x
+        if isinstance(rnn, LayerStack):
+            for layer in rnn.layers:
+                h, _ = layer(h)
+                outputs.append(h)
+            return outputs
         for layer in range(rnn.num_layers):
             kwargs = {**_rnn_kwargs(rnn), "num_layers": 1}
             if layer > 0:

@@ -20,6 +20,15 @@ rows read right to left (``rows[:, ::-1]``): its targets are the previous tokens
 with no gap and no overlap, so the backward state is carried too, and every token but the last of each row is a
 backward target exactly once per epoch.
 
+Variable-length BPTT (Merity et al. 2017, section 4.1): with ``variable_length=True`` the chunk lengths of an
+epoch are drawn rather than fixed: a base length of ``bptt`` with probability 0.95 (else ``bptt / 2``), then a
+length from a normal distribution around it with standard deviation ``std``, at least ``min_length``. The chunks
+still follow each other with no gap and no overlap (chunk k+1 starts where chunk k ended), so the carried state
+stays right and every target is still seen exactly once per epoch; only the places where backpropagation is cut
+move from epoch to epoch. The lengths come from a generator seeded by ``(seed, epoch)``, so every DDP rank cuts
+the same spans (equal numbers of steps) and a resumed run redraws the same schedule. ``spans()`` is that
+schedule: the ``(start, length)`` of every chunk of the epoch, fixed when the epoch is set.
+
 :class:`ChunkLoader` is a plain iterable rather than a ``DataLoader``: Lightning injects a (shuffling)
 ``DistributedSampler`` into ``DataLoader`` objects under DDP, but leaves other iterables alone, so nothing can
 re-order the chunks whatever the Trainer flags are. Batches are copied out of the memory-mapped ids one chunk
@@ -53,13 +62,46 @@ def rank_rows(ids: np.ndarray, batch_size: int, world_size: int = 1, rank: int =
     return rows[rank * batch_size : (rank + 1) * batch_size]
 
 
+def draw_spans(
+    targets: int, bptt: int, seed: int, epoch: int, min_length: int = 5, std: float = 5.0
+) -> list[tuple[int, int]]:
+    """AWD-LSTM's variable chunk lengths as ``(start, length)`` spans covering ``targets`` positions exactly."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths: list[np.ndarray] = []
+    total = 0
+    while total < targets:
+        n = (targets - total) // max(bptt // 2, 1) + 16  # surely enough draws for what is left
+        base = np.where(rng.random(n) < 0.95, bptt, bptt / 2)
+        drawn = np.maximum(min_length, rng.normal(base, std).astype(np.int64))
+        lengths.append(drawn)
+        total += int(drawn.sum())
+    ends = np.cumsum(np.concatenate(lengths))
+    count = int(np.searchsorted(ends, targets)) + 1  # the first chunk that reaches the end is the last
+    ends = np.minimum(ends[:count], targets)
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(int(a), int(b - a)) for a, b in zip(starts, ends)]
+
+
 class ChunkLoader:
     """Serves ``(x, y)`` int64 tensors of shape ``[B, T]`` in stream order, never shuffled.
 
     With ``bidirectional=True`` it serves ``(x, y, x_backward, y_backward)``, the last two from the reversed rows.
+    With ``variable_length=True`` the chunk lengths are drawn per epoch (see the module's docstring); ``epoch``
+    (or :meth:`set_epoch`) picks the epoch whose schedule is served.
     """
 
-    def __init__(self, rows: np.ndarray, bptt: int, pin_memory: bool = False, bidirectional: bool = False) -> None:
+    def __init__(
+        self,
+        rows: np.ndarray,
+        bptt: int,
+        pin_memory: bool = False,
+        bidirectional: bool = False,
+        variable_length: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        min_length: int = 5,
+        std: float = 5.0,
+    ) -> None:
         if rows.ndim != 2 or rows.shape[1] < 2:
             raise ValueError(f"need rows of at least 2 tokens, got shape {rows.shape}")
         self.rows = rows
@@ -68,18 +110,37 @@ class ChunkLoader:
         self.bidirectional = bidirectional
         self.position = 0  # chunks of this epoch already trained on
         self._start = 0  # where the next iteration begins (set by load_state_dict)
+        self.variable_length = variable_length
+        self.seed = seed
+        self.min_length = min_length
+        self.std = std
+        self._spans: list[tuple[int, int]] = []
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the chunk schedule for ``epoch`` (only variable-length chunks depend on it)."""
+        self.epoch = epoch
+        targets = self.rows.shape[1] - 1
+        if self.variable_length:
+            self._spans = draw_spans(targets, self.bptt, self.seed, epoch, self.min_length, self.std)
+        else:
+            self._spans = [(start, min(self.bptt, targets - start)) for start in range(0, targets, self.bptt)]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, length)`` of every chunk of the current epoch in order: chunk k is ``rows[:, start:start+length]``
+        with targets shifted by one."""
+        return list(self._spans)
 
     def __len__(self) -> int:
-        return -(-(self.rows.shape[1] - 1) // self.bptt)
+        return len(self._spans)
 
     @property
     def tokens_per_epoch(self) -> int:
         """Targets per epoch on this rank."""
         return self.rows.shape[0] * (self.rows.shape[1] - 1)
 
-    def _chunk(self, rows: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = k * self.bptt
-        block = torch.from_numpy(np.ascontiguousarray(rows[:, start : start + self.bptt + 1], np.int64))
+    def _chunk(self, rows: np.ndarray, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        block = torch.from_numpy(np.ascontiguousarray(rows[:, start : start + length + 1], np.int64))
         x, y = block[:, :-1].contiguous(), block[:, 1:].contiguous()
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
@@ -87,12 +148,15 @@ class ChunkLoader:
 
     def layout(self) -> dict[str, int]:
         """What a saved position refers to: resuming is only meaningful on the same chunks."""
-        return {"rows": self.rows.shape[0], "row_length": self.rows.shape[1], "bptt": self.bptt}
+        return {"rows": self.rows.shape[0], "row_length": self.rows.shape[1], "bptt": self.bptt,
+                "variable_length": self.variable_length, "seed": self.seed}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, **self.layout()}
+        return {"position": self.position, "epoch": self.epoch, **self.layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.variable_length and "epoch" in state:
+            self.set_epoch(int(state["epoch"]))  # the same draw of chunk lengths as the interrupted epoch
         position = int(state["position"])
         if position <= 0 or position >= len(self):
             self._start = self.position = 0  # saved at an epoch boundary: the next epoch starts afresh
@@ -112,10 +176,10 @@ class ChunkLoader:
         self.position = start  # set now, not at the first next(): a new epoch begins at iter()
         return self._chunks(start)
 
-    def _chunks(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _chunks(self, first: int) -> Iterator[tuple[torch.Tensor, ...]]:
         reversed_rows = self.rows[:, ::-1]
-        for k in range(start, len(self)):
+        for start, length in self._spans[first:]:
             if self.bidirectional:
-                yield (*self._chunk(self.rows, k), *self._chunk(reversed_rows, k))
+                yield (*self._chunk(self.rows, start, length), *self._chunk(reversed_rows, start, length))
             else:
-                yield self._chunk(self.rows, k)
+                yield self._chunk(self.rows, start, length)

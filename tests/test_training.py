@@ -144,6 +144,8 @@ def _fit(config: Path, source: Path, tmp_path: Path, *extra: str):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_runs_end_to_end(config, corpus_dir, tmp_path, capsys):
     extra = ["--data.vocab_size", "300"] if "bpe" in config.stem else []
+    if config.stem.startswith("awd_lstm"):
+        extra = ["--model.hidden_sizes", "[16, 16, 16]", "--data.text_field", "text"]
     cli = _fit(config, corpus_dir, tmp_path, *extra)
     assert cli.trainer.global_step == 3
     ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
