@@ -39,6 +39,13 @@ ARCHITECTURE = ("vocab_size", "cell", "num_layers", "embedding_dim", "hidden_siz
                 "bidirectional", "share_directions", "output", "adaptive_cutoffs", "adaptive_div_value", "hidden_sizes")
 
 
+def _map_state(fn, state):
+    """Apply ``fn`` to every tensor of a carried state, keeping its nesting (tensor, LSTM tuple, list per layer)."""
+    if isinstance(state, (list, tuple)):
+        return type(state)(_map_state(fn, s) for s in state)
+    return fn(state)
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradients became NaN or infinite."""
 
@@ -283,8 +290,7 @@ class LanguageModel(L.LightningModule):
         for key in ("train", "train/backward"):
             state = self._state.get(key)
             if state is not None:
-                parts = state if isinstance(state, tuple) else (state,)
-                carried[key] = [gathered(part) for part in parts]
+                carried[key] = _map_state(gathered, state)  # same nesting (tuple for LSTM, list per layer)
         rng = {"cpu": gathered(torch.get_rng_state())}
         if self.device.type == "cuda":
             rng["cuda"] = gathered(torch.cuda.get_rng_state(self.device))
@@ -495,9 +501,8 @@ class LanguageModel(L.LightningModule):
                 "mid-epoch checkpoint continues only with the same number of processes (or resume from a "
                 "checkpoint written at the end of an epoch)."
             )
-        for key, parts in resume.get("carried", {}).items():
-            parts = tuple(p[rank].to(self.device) for p in parts)
-            self._state[key] = parts if len(parts) > 1 else parts[0]
+        for key, state in resume.get("carried", {}).items():
+            self._state[key] = _map_state(lambda t: t[rank].to(self.device), state)
         rng = resume.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"][rank].clone())  # a row of a bigger tensor is not accepted as is

@@ -62,17 +62,22 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+AWD = {"hidden_sizes": [16, 8], "weight_drop": 0.3, "locked_dropout": True, "dropout_words": 0.1,
+       "activation_regularization": 1.0, "temporal_activation_regularization": 1.0}
+
+
 def _fit(corpus: Path, root: Path, callbacks: list, ckpt_path: str | None = None, cell: str = "lstm",
-         bidirectional: bool = False) -> tuple[PlateauModel, L.Trainer]:
+         bidirectional: bool = False, awd: bool = False) -> tuple[PlateauModel, L.Trainer]:
     L.seed_everything(7)
     data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=3, bptt=8, cache_dir=str(root / "cache"),
-                        bidirectional=bidirectional)
+                        bidirectional=bidirectional, variable_bptt=awd)
     model = PlateauModel(vocab_size=data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
-                         dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional)
+                         dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional,
+                         **(AWD if awd else {}))
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=2, limit_train_batches=20, val_check_interval=10, limit_val_batches=4,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(root), plugins=[SafeCheckpointIO()],
+        default_root_dir=str(root), plugins=[SafeCheckpointIO()], reload_dataloaders_every_n_epochs=int(awd),
         callbacks=[*callbacks, ResumableCheckpoints(every_n_minutes=None),
                    L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), monitor="val/loss", save_last=True)],
     )  # fmt: skip
@@ -88,21 +93,24 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    ("stop_step", "signum", "cell", "bidirectional"),
+    ("stop_step", "signum", "cell", "bidirectional", "awd"),
     [
-        (14, signal.SIGTERM, "lstm", False),  # mid first epoch, after a validation pass
-        (33, signal.SIGINT, "gru", False),  # mid second epoch: plateau scheduler and momentum carry over
-        (17, signal.SIGTERM, "lstm", True),  # both directions' carried states
+        (14, signal.SIGTERM, "lstm", False, False),  # mid first epoch, after a validation pass
+        (33, signal.SIGINT, "gru", False, False),  # mid second epoch: plateau scheduler and momentum carry over
+        (17, signal.SIGTERM, "lstm", True, False),  # both directions' carried states
+        # Per-layer stack (a list of states), weight drop, AR/TAR and variable-length chunks drawn per epoch.
+        (27, signal.SIGTERM, "lstm", False, True),
     ],
+    ids=["sigterm-epoch1", "sigint-epoch2-gru", "bidirectional", "awd-variable-bptt"],
 )
-def test_stop_and_resume_equals_uninterrupted(corpus_dir, tmp_path, stop_step, signum, cell, bidirectional):
+def test_stop_and_resume_equals_uninterrupted(corpus_dir, tmp_path, stop_step, signum, cell, bidirectional, awd):
     ref = Recorder()
-    ref_model, _ = _fit(corpus_dir, tmp_path / "ref", [ref], cell=cell, bidirectional=bidirectional)
+    ref_model, _ = _fit(corpus_dir, tmp_path / "ref", [ref], cell=cell, bidirectional=bidirectional, awd=awd)
 
     first = Recorder()
     with pytest.raises(TrainingInterrupted) as stop:
         _fit(corpus_dir, tmp_path / "cut", [SignalAt(stop_step, signum), first], cell=cell,
-             bidirectional=bidirectional)
+             bidirectional=bidirectional, awd=awd)
     assert stop.value.step == stop_step and stop.value.signum == signum
     last = tmp_path / "cut" / "ckpt" / "last.ckpt"
     assert Path(stop.value.path) == last
@@ -112,7 +120,7 @@ def test_stop_and_resume_equals_uninterrupted(corpus_dir, tmp_path, stop_step, s
 
     second = Recorder()
     model, trainer = _fit(corpus_dir, tmp_path / "cut", [second], ckpt_path=str(last), cell=cell,
-                          bidirectional=bidirectional)
+                          bidirectional=bidirectional, awd=awd)
     assert min(second.train) == stop_step + 1, "resumed at the next step"
     assert {**first.train, **second.train} == ref.train
     assert first.val + second.val == ref.val
