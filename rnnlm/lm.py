@@ -211,6 +211,9 @@ class LanguageModel(L.LightningModule):
             # The loss every step; the gradients too on the steps where their norm is computed anyway.
             self._check_finite(optimizer, grad_norm)
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        self._last_loss = loss.detach()  # the loss actually backpropagated, whatever training_step did to it
+
     def _check_finite(self, optimizer, grad_norm: Tensor | None) -> None:
         checks = [self._last_loss] if self._last_loss is not None else []
         # With fp16 loss scaling, infinite gradients are routine: the GradScaler skips those steps itself.
@@ -390,7 +393,6 @@ class LanguageModel(L.LightningModule):
             # end it before the loader does, with limit_train_batches).
             loader.position = 0 if batch_idx + 1 >= self.trainer.num_training_batches else batch_idx + 1
         loss = sum(losses.values()) / len(losses)
-        self._last_loss = loss.detach()
         if self._penalties:
             penalty = sum(self._penalties) / len(losses)
             self.log("train/activation_penalty", penalty.detach(), on_step=True, on_epoch=False)
