@@ -94,7 +94,7 @@ class LanguageModel(L.LightningModule):
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
         # nan_strategy="disable": the default NaN check reads a device value on every batch (a GPU sync); a NaN
-        # loss still shows, as a NaN mean.
+        # loss still shows, as a NaN mean. With it, torchmetrics ignores the weight argument, hence _eval_step.
         self._eval_loss = torch.nn.ModuleDict(
             {
                 f"{stage}_{direction}": MeanMetric(nan_strategy="disable")
@@ -242,7 +242,8 @@ class LanguageModel(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, ...]) -> None:
         for direction, loss in self._losses(stage, batch).items():
-            self._eval_loss[f"{stage}_{direction}"].update(loss, weight=batch[1].numel())
+            # One entry per target token: the token-weighted mean (the last chunk of a pass is shorter).
+            self._eval_loss[f"{stage}_{direction}"].update(loss.expand(batch[1].numel()))
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step("val", batch)
