@@ -148,7 +148,7 @@ class LanguageModel(L.LightningModule):
         # Carried hidden state per stage: validation must not disturb the training stream's state.
         self._state: dict[str, State | None] = {}
         # nan_strategy="disable": the default NaN check reads a device value on every batch (a GPU sync); a NaN
-        # loss still shows, as a NaN mean.
+        # loss still shows, as a NaN mean. With it, torchmetrics ignores the weight argument, hence _eval_step.
         self._eval_loss = torch.nn.ModuleDict(
             {
                 f"{stage}_{direction}": MeanMetric(nan_strategy="disable")

@@ -326,19 +326,21 @@ class RNNLM(nn.Module):
         if tie_weights and top != embedding_dim:
             projection = nn.Linear(top, embedding_dim, bias=False)
         head_size = embedding_dim if projection is not None else top
-        # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
-        # torch's default U(-1/sqrt(H), 1/sqrt(H)).
-        if embedding is not None:
-            nn.init.uniform_(embedding.weight, -0.1, 0.1)
         if self.output == "adaptive":
             cutoffs, div_value = self._adaptive
             decoder: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
                 head_size, vocab_size, cutoffs, div_value=div_value, head_bias=True
             )
-            return embedding, rnn, projection, decoder
-        decoder = nn.Linear(head_size, vocab_size)
-        nn.init.uniform_(decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(decoder.bias)
+        else:
+            decoder = nn.Linear(head_size, vocab_size)
+        # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
+        # torch's default U(-1/sqrt(H), 1/sqrt(H)). (Modules first, then init: a seed gives the same weights as
+        # before the adaptive softmax existed.)
+        if embedding is not None:
+            nn.init.uniform_(embedding.weight, -0.1, 0.1)
+        if isinstance(decoder, nn.Linear):
+            nn.init.uniform_(decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(decoder.bias)
         if tie_weights:
             decoder.weight = embedding.weight  # type: ignore[union-attr]
         return embedding, rnn, projection, decoder

@@ -160,8 +160,17 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
         ) from err
 
 
+def _is_blank(path: Path, block: int = 1 << 20) -> bool:
+    """Whether a file holds only whitespace, read block by block (a corpus file can be larger than memory)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _check_not_empty(files: list[Path]) -> None:
-    empty = [f for f in files if not f.read_bytes().strip()]
+    empty = [f for f in files if _is_blank(f)]
     if empty:
         names = ", ".join(str(f) for f in empty[:5])
         raise DataError(
