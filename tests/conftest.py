@@ -51,3 +51,19 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "input.txt"
     path.write_text(make_text(800, seed=4))
     return path
+
+
+def sigterm_once_training(cmd: list[str], last: Path, **popen) -> tuple[int, str]:
+    """Start ``cmd``, send it SIGTERM as soon as it has written ``last`` (training is under way), return its exit
+    status and output."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    return proc.returncode, output

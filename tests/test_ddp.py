@@ -12,11 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigterm_once_training
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 STEPS = 6
@@ -145,15 +145,9 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(single, tmp_path):
 
     out = tmp_path / "cut"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*fit, *_args(corpus, out, 2), *longer], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
     last = out / "ckpt" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
+    code, log = sigterm_once_training([*fit, *_args(corpus, out, 2), *longer], last, cwd=tmp_path, env=env)
+    assert code == 128 + signal.SIGTERM, log[-4000:]
     saved = torch.load(last, weights_only=True)
     assert 0 < saved["global_step"] < 60
     carried = saved["rnnlm"]["resume"]["carried"]["train"]

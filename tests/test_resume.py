@@ -11,13 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import sigterm_once_training
 
 from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
 from rnnlm.data import LMDataModule
@@ -187,15 +187,9 @@ def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen([*fit, *_cli_args(corpus_dir, out, 2)], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
     last = out / "ckpt" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    code, log = sigterm_once_training([*fit, *_cli_args(corpus_dir, out, 2)], last, env=_env())
+    assert code == 128 + signal.SIGTERM, log[-3000:]
     assert "stopped by SIGTERM" in log and "--ckpt_path" in log, log[-3000:]
     total = torch.load(ref / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     stopped = torch.load(last, weights_only=True)["global_step"]
