@@ -393,23 +393,22 @@ class LanguageModel(L.LightningModule):
             # end it before the loader does, with limit_train_batches).
             loader.position = 0 if batch_idx + 1 >= self.trainer.num_training_batches else batch_idx + 1
         loss = sum(losses.values()) / len(losses)
-        if self._penalties:
-            penalty = sum(self._penalties) / len(losses)
-            self.log("train/activation_penalty", penalty.detach(), on_step=True, on_epoch=False)
+        penalty = sum(self._penalties) / len(losses) if self._penalties else None
+        if penalty is not None:
             loss = loss + penalty
-        metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
-        # Device tensors: a logger reads them only on the steps it writes (log_every_n_steps), so no per-step sync.
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        writing = self._writing_step()
-        if writing or self.device.type == "cpu":
-            # The progress bar turns what it shows into Python numbers after every step, which on a GPU would wait
-            # for the step to finish: there it gets a host copy of the loss on the logging steps only.
+        if self._writing_step():
+            # Loggers write only every log_every_n_steps, and each self.log costs about a millisecond of Python in
+            # Lightning, which is several percent of a small model's step: the metrics are logged on those steps
+            # only (the progress bar shows them from there too). Device tensors: no host sync on a GPU.
+            metrics = self._metrics("train", {k: v.detach() for k, v in losses.items()})
+            if penalty is not None:
+                metrics["train/activation_penalty"] = penalty.detach()
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+            # The progress bar turns what it shows into Python numbers; a host copy keeps that from waiting for a
+            # GPU mid-step. The learning rate is a host tensor too (a float would be copied to the device and back).
             self.log("loss", metrics["train/loss"].cpu(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        if writing:
-            # A host tensor: a Python float would be copied to the device and back.
             lr = self._unscaled_lrs[0] if self._unscaled_lrs else self.optimizers().param_groups[0]["lr"]
-            lr = torch.tensor(float(lr))
-            self.log("lr", lr, on_step=True, on_epoch=False)
+            self.log("lr", torch.tensor(float(lr)), on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_start(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from rnnlm.fit import main as fit_main
@@ -182,3 +183,31 @@ def test_a_resumed_run_continues_its_wandb_run_and_checkpoint_folder(corpus_dir,
     assert second.trainer.global_step == 6
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2, "the resumed process appends to the same W&B run id"
+
+
+class StepLosses(L.Callback):
+    """The loss each training step returned, by the global step after it."""
+
+    def __init__(self) -> None:
+        self.loss: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loss[trainer.global_step] = float(outputs["loss"])
+
+
+def test_step_metrics_are_logged_on_the_steps_the_loggers_write(corpus_dir, tmp_path):
+    # The training metrics are computed and logged only every log_every_n_steps (self.log is costly in Lightning):
+    # every row the logger writes must still hold that very step's loss, and no step may be missing.
+    cli = fit_main([
+        *_tiny(corpus_dir, tmp_path, steps=12), "--trainer.log_every_n_steps", "4", "--trainer.val_check_interval", "6",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv"),
+        f"--trainer.callbacks+={__name__}.StepLosses",
+    ])  # fmt: skip
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, StepLosses))
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    logged = {int(r["step"]): r for r in rows if r.get("train/loss")}
+    assert sorted(logged) == [3, 7, 11]  # Lightning's step index of the 4th, 8th and 12th optimizer steps
+    for step, row in logged.items():
+        assert float(row["train/loss"]) == pytest.approx(recorder.loss[step + 1], rel=1e-6)
+        assert row["lr"] and row["train/grad_norm"] and row["train/ppl"]
+    assert cli.trainer.global_step == 12
