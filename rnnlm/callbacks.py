@@ -5,6 +5,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from tokenizers import Tokenizer
+
+from rnnlm.inference import sample
+from rnnlm.tokenization import Encoder
 
 
 class TextSample(L.Callback):
@@ -43,9 +47,17 @@ class TextSample(L.Callback):
         self.every_validation = every_validation
         self.print_every_validation = print_every_validation
         self.samples: list[list] = []
+        self._encoder: tuple[str, Encoder] | None = None
+
+    def _can_sample(self, pl_module) -> bool:
+        # A model trained on plain loaders has no tokenizer to write text with.
+        return self.max_new_tokens > 0 and pl_module.tokenizer_json is not None
 
     def _sample(self, trainer: L.Trainer, pl_module) -> str:
-        text = pl_module.sample(self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed)
+        if self._encoder is None or self._encoder[0] != pl_module.tokenizer_json:
+            self._encoder = (pl_module.tokenizer_json, Encoder(Tokenizer.from_str(pl_module.tokenizer_json)))
+        text = sample(pl_module.model, self._encoder[1], self.prompt, self.max_new_tokens, self.temperature,
+                      self.top_k, self.seed)
         self.samples.append([trainer.global_step, self.prompt, text, self.temperature])
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
@@ -56,14 +68,14 @@ class TextSample(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_validation and not trainer.sanity_checking and self.max_new_tokens > 0:
+        if self.every_validation and not trainer.sanity_checking and self._can_sample(pl_module):
             text = self._sample(trainer, pl_module)
             if self.print_every_validation:
                 print(f"\n--- sample at step {trainer.global_step} ---\n{self.prompt}{text}\n---", flush=True)
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.max_new_tokens > 0:
+        if self._can_sample(pl_module):
             text = self._sample(trainer, pl_module)
             print(f"\n--- sample after {trainer.global_step} steps ---\n{self.prompt}{text}\n---", flush=True)
 

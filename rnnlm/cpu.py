@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -38,3 +40,36 @@ def flush_denormals() -> bool:
     import torch
 
     return bool(torch.set_flush_denormal(True))
+
+
+@functools.cache
+def _onednn_runs_bf16_rnns() -> bool:
+    """Whether oneDNN runs a recurrent layer in bf16 on this CPU (CPUs without bf16 instructions fail with "could
+    not create a primitive descriptor"). Asked once, of a one-step LSTM."""
+    import torch
+
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(2, 2)(torch.zeros(1, 1, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def rnn_kernels_for_autocast():
+    """Under CPU autocast in bf16 (``precision="bf16-mixed"``) torch hands recurrent layers to oneDNN, which fails on
+    CPUs without bf16 instructions. There the recurrent layers run on torch's own kernels, in float32; the decoder
+    and softmax, where large vocabularies spend the time, stay bf16."""
+    import torch
+
+    low_precision = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
+    if not low_precision or _onednn_runs_bf16_rnns():
+        yield
+        return
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled

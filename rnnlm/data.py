@@ -400,6 +400,17 @@ class LMDataModule(L.LightningDataModule):
             },
         }
 
+    def describe(self) -> dict:
+        """What a model trained on this data needs to know of it: the tokenizer, the characters per token of each
+        stage (for bits per character), whether it serves backward chunks, and facts for experiment tracking."""
+        stages = {"train": "train", "validation": "val", "test": "test"}
+        return {
+            "tokenizer": self.tokenizer,
+            "chars_per_token": {stages[s]: self.chars_per_token(s) for s in self.stats},
+            "bidirectional": self.hparams.bidirectional,
+            "facts": self.facts(),
+        }
+
     def chars_per_token(self, split: str) -> float:
         st = self.stats[split]
         return st["characters"] / max(st["tokens"], 1)

@@ -1,11 +1,11 @@
 """Evaluate a checkpoint on a split: ``python -m rnnlm.evaluate --checkpoint PATH --split test``.
 
-Prints loss (nats/token), perplexity, bits per token and bits per character readably, then the same as one
+Prints loss (nats/token), perplexity, bits per token, per character and per byte readably, then the same as one
 JSON object on the last line. The hidden state is carried across chunks, so the result barely depends on
 ``--bptt``; ``--batch_size`` sets how many streams the split is cut into.
 
-``--cache_window N`` adds the continuous cache of Grave et al. (2017) (see ``rnnlm/cache.py``) with
-``--cache_theta`` and ``--cache_lambda``, and reports perplexity with and without it from the same pass.
+``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/pointer.py``) with
+``--pointer_theta`` and ``--pointer_lambda``, and reports perplexity with and without it from the same pass.
 """
 
 from __future__ import annotations
@@ -14,38 +14,53 @@ import argparse
 import json
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
-from rnnlm.cache import NeuralCache
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM, detach_state
+from rnnlm.errors import ConfigError, run_main
+from rnnlm.inference import load
+from rnnlm.model import DIRECTIONS, RNNLM
+from rnnlm.pointer import ContinuousPointer
+from rnnlm.sources import DataError
 from rnnlm.streams import ChunkLoader
 
 # AWD-LSTM's pointer settings for WikiText-2 (its README): theta 0.662, lambda 0.1279 (window 3785).
 DEFAULT_THETA = 0.662
 DEFAULT_LAMBDA = 0.1279
+LN2 = math.log(2)
 
 
 @torch.no_grad()
-def cache_losses(model: RNNLM, loader: ChunkLoader, cache: NeuralCache, device: torch.device) -> tuple[float, float]:
-    """Mean loss (nats/token) of the forward model over ``loader`` without and with ``cache``, in one pass."""
+def stream_losses(
+    model: RNNLM, loader: ChunkLoader, device: torch.device, pointer: ContinuousPointer | None = None
+) -> dict[str, float]:
+    """Mean loss (nats/token) of each direction over ``loader``, the state carried from chunk to chunk; with a
+    ``pointer``, also the forward direction's loss with it (``"pointer"``), from the same pass."""
     model.eval()
-    state, plain, cached, count = None, 0.0, 0.0, 0
-    cache.reset()
+    directions = DIRECTIONS if model.config.bidirectional else DIRECTIONS[:1]
+    states: dict = dict.fromkeys(directions)
+    totals = {name: torch.zeros((), dtype=torch.float64, device=device)
+              for name in (*directions, *(("pointer",) if pointer is not None else ()))}
+    if pointer is not None:
+        pointer.reset()
+    count = 0
     for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        top, state = model.recurrent(x, state)
-        state = detach_state(state)
-        log_probs = F.log_softmax(model.decode(model.head_input(top)).float(), dim=-1)
-        target_lp = log_probs.gather(-1, y[..., None]).squeeze(-1)
-        plain -= target_lp.sum().item()
-        cached -= cache.log_probs(top, y, target_lp).sum().item()
-        count += y.numel()
-    return plain / count, cached / count
+        batch = [t.to(device) for t in batch]
+        for i, direction in enumerate(directions):
+            x, y = batch[2 * i], batch[2 * i + 1]
+            if pointer is not None and direction == "forward":
+                out = model(x, state=states[direction])
+                log_probs = F.log_softmax(out.logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+                totals[direction] -= log_probs.sum()
+                totals["pointer"] -= pointer.log_probs(out.outputs, y, log_probs).sum()
+            else:
+                out = model(x, y, states[direction], direction)
+                totals[direction] += out.loss.double() * y.numel()
+            states[direction] = out.state
+        count += batch[1].numel()
+    return {name: total.item() / count for name, total in totals.items()}
 
 
 def evaluate(
@@ -56,64 +71,58 @@ def evaluate(
     batch_size: int | None = None,
     bptt: int | None = None,
     accelerator: str = "auto",
-    cache_window: int | None = None,
-    cache_theta: float = DEFAULT_THETA,
-    cache_lambda: float = DEFAULT_LAMBDA,
+    pointer_window: int | None = None,
+    pointer_theta: float = DEFAULT_THETA,
+    pointer_lambda: float = DEFAULT_LAMBDA,
 ) -> dict:
     """Loss, perplexity and bits per character of ``checkpoint`` on ``split`` (of its own data or ``source``).
 
-    With ``cache_window`` the forward model is also evaluated with a continuous cache (``cache_*`` keys).
+    With ``pointer_window`` the forward model is also evaluated with the continuous pointer (``pointer_*`` keys).
     """
-    cache = NeuralCache(cache_window, cache_theta, cache_lambda) if cache_window is not None else None
-    model = LanguageModel.from_checkpoint(checkpoint)
+    use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    pointer = None
+    if pointer_window is not None:
+        pointer = ContinuousPointer(pointer_window, pointer_theta, pointer_lambda)
+    trained = load(checkpoint, map_location=device)
+    if pointer is not None and trained.config.bidirectional:
+        raise ConfigError("The continuous pointer is for (forward) language models; this one is bidirectional.")
     data = LMDataModule.from_hparams(
-        model.datamodule_hparams, source=source, config_name=config_name, eval_batch_size=batch_size, bptt=bptt
+        trained.data, source=source, config_name=config_name, eval_batch_size=batch_size, bptt=bptt
     )
-    data.use_tokenizer(model.encoder.tokenizer)
+    data.use_tokenizer(trained.tokenizer)
     if split not in data.corpus.splits:
-        raise ValueError(f"No split {split!r} in {data.hparams.source!r}; it has {sorted(data.corpus.splits)}.")
+        raise DataError(f"No split {split!r} in {data.hparams.source!r}; it has {sorted(data.corpus.splits)}.")
     loader = data.loader(split)
-    model.chars_per_token["test"] = data.chars_per_token(split)
-    cached: dict = {}
-    if cache is not None:
-        if model.model.bidirectional:
-            raise ValueError("The continuous cache is for (forward) language models; this one is bidirectional.")
-        use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if use_cuda else "cpu")
-        loss, cache_loss = cache_losses(model.model.to(device), loader, cache, device)
-        metrics = {"test/bpc": loss / math.log(2) / data.chars_per_token(split)}
-        cached = {
-            "cache_loss": cache_loss,
-            "cache_ppl": math.exp(cache_loss),
-            "cache_bpc": cache_loss / math.log(2) / data.chars_per_token(split),
-            "cache_window": cache.window,
-            "cache_theta": cache.theta,
-            "cache_lambda": cache.lam,
-        }
-    else:
-        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False)
-        metrics = trainer.test(model, dataloaders=loader, verbose=False)[0]
-        loss = metrics["test/loss"]
-    return {
+    losses = stream_losses(trained.model, loader, device, pointer)
+    chars, nbytes = data.chars_per_token(split), data.bytes_per_token(split)
+    loss = sum(losses[d] for d in DIRECTIONS if d in losses) / sum(d in losses for d in DIRECTIONS)
+    result = {
         "checkpoint": checkpoint,
         "source": data.hparams.source,
         "split": split,
         "tokens": loader.tokens_per_epoch,
         "loss": loss,
         "ppl": math.exp(loss),
-        "bits_per_token": loss / math.log(2),
-        "bpc": metrics.get("test/bpc"),
-        "bits_per_byte": loss / math.log(2) / data.bytes_per_token(split),
-        **{
-            f"{direction}_{name}": metrics[f"test/{direction}/{key}"]
-            for direction in ("forward", "backward")
-            for name, key in (("loss", "loss"), ("ppl", "ppl"), ("bpc", "bpc"))
-            if f"test/{direction}/{key}" in metrics
-        },
-        "batch_size": loader.rows.shape[0],
-        "bptt": loader.bptt,
-        **cached,
+        "bits_per_token": loss / LN2,
+        "bpc": loss / LN2 / chars,
+        "bits_per_byte": loss / LN2 / nbytes,
     }
+    if "backward" in losses:
+        for direction in DIRECTIONS:
+            result.update({f"{direction}_loss": losses[direction], f"{direction}_ppl": math.exp(losses[direction]),
+                           f"{direction}_bpc": losses[direction] / LN2 / chars})
+    result.update({"batch_size": loader.rows.shape[0], "bptt": loader.bptt})
+    if pointer is not None:
+        result.update({
+            "pointer_loss": losses["pointer"],
+            "pointer_ppl": math.exp(losses["pointer"]),
+            "pointer_bpc": losses["pointer"] / LN2 / chars,
+            "pointer_window": pointer.window,
+            "pointer_theta": pointer.theta,
+            "pointer_lambda": pointer.lam,
+        })
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,18 +133,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config_name", default=None, help="config of a Hub dataset given with --source")
     p.add_argument("--batch_size", type=int, default=None, help="number of streams (default: as in training)")
     p.add_argument("--bptt", type=int, default=None, help="chunk length (default: as in training)")
-    p.add_argument("--accelerator", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache_window", type=int, default=None,
-                   help="add a continuous cache over the last N tokens of each stream (Grave et al. 2017)")
-    p.add_argument("--cache_theta", type=float, default=DEFAULT_THETA,
-                   help=f"the cache attention's inverse temperature (default {DEFAULT_THETA})")
-    p.add_argument("--cache_lambda", type=float, default=DEFAULT_LAMBDA,
-                   help=f"the cache's share of the mixed distribution (default {DEFAULT_LAMBDA})")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    p.add_argument("--pointer_window", type=int, default=None,
+                   help="add a continuous pointer over the last N tokens of each stream (Grave et al. 2017)")
+    p.add_argument("--pointer_theta", type=float, default=DEFAULT_THETA,
+                   help=f"the pointer attention's inverse temperature (default {DEFAULT_THETA})")
+    p.add_argument("--pointer_lambda", type=float, default=DEFAULT_LAMBDA,
+                   help=f"the pointer's share of the mixed distribution (default {DEFAULT_LAMBDA})")
+    for old in ("window", "theta", "lambda"):
+        p.add_argument(f"--cache_{old}", dest=f"renamed_cache_{old}", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for old in ("window", "theta", "lambda"):
+        if getattr(args, f"renamed_cache_{old}") is not None:
+            p.error(f"--cache_{old} is now --pointer_{old} (the continuous cache is called the continuous pointer, "
+                    "so that 'cache' means only the token cache)")
     keep_freed_memory()
     flush_denormals()
     result = evaluate(args.checkpoint, args.split, args.source, args.config_name, args.batch_size, args.bptt,
-                      args.accelerator, args.cache_window, args.cache_theta, args.cache_lambda)
+                      args.accelerator, args.pointer_window, args.pointer_theta, args.pointer_lambda)
     print(
         f"{result['split']} of {result['source']}: {result['tokens']:,} tokens\n"
         f"  loss            {result['loss']:.4f} nats/token\n"
@@ -146,21 +161,25 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if "backward_loss" in result:
         print("  (loss is the mean of the two directions)")
-        for direction in ("forward", "backward"):
+        for direction in DIRECTIONS:
             print(f"  {direction:<8} loss {result[direction + '_loss']:.4f}  ppl {result[direction + '_ppl']:.2f}  "
                   f"bpc {result[direction + '_bpc']:.4f}")
-    if "cache_loss" in result:
-        change = 100 * (result["cache_ppl"] / result["ppl"] - 1)
+    if "pointer_loss" in result:
+        change = 100 * (result["pointer_ppl"] / result["ppl"] - 1)
         print(
-            f"  with the continuous cache (window {result['cache_window']}, theta {result['cache_theta']}, "
-            f"lambda {result['cache_lambda']}):\n"
-            f"  loss            {result['cache_loss']:.4f} nats/token\n"
-            f"  perplexity      {result['cache_ppl']:.2f} ({change:+.1f}% vs {result['ppl']:.2f} without)\n"
-            f"  bits per char   {result['cache_bpc']:.4f}"
+            f"  with the continuous pointer (window {result['pointer_window']}, theta {result['pointer_theta']}, "
+            f"lambda {result['pointer_lambda']}):\n"
+            f"  loss            {result['pointer_loss']:.4f} nats/token\n"
+            f"  perplexity      {result['pointer_ppl']:.2f} ({change:+.1f}% vs {result['ppl']:.2f} without)\n"
+            f"  bits per char   {result['pointer_bpc']:.4f}"
         )
     print(json.dumps(result))
     return result
 
 
+def cli() -> None:
+    run_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -30,10 +30,13 @@ from rnnlm.checkpointing import (
     TrainingInterrupted,
     load_safely,
 )
+from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel, NonFiniteLossError
+from rnnlm.errors import ConfigError, run_main
+from rnnlm.lm import LanguageModel
 from rnnlm.tracking import choose_wandb_mode
+from rnnlm.training import NonFiniteLossError
 
 # The CLI's optimizer/lr_scheduler settings replace the module's fallback optimizer; that is the intent.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
@@ -42,9 +45,9 @@ warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be over
 class RNNLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module knows the vocabulary (it builds the tokenizer on demand); the user never repeats it.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         # A bidirectional model needs the backward chunks; the user sets it once, on the model.
-        parser.link_arguments("model.bidirectional", "data.bidirectional")
+        parser.link_arguments("model.config.bidirectional", "data.bidirectional")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Checkpoint to resume from (a path, or 'last').")
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -60,6 +63,10 @@ class RNNLMCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
         parser.add_lightning_class_args(TextSample, "sample")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        _refuse_moved_settings(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder.
@@ -154,5 +161,43 @@ def _resume_command(args: list[str] | None, path: str) -> str:
     return shlex.join(["python", "-m", "rnnlm.fit", *kept, "--ckpt_path", path])
 
 
+def _refuse_moved_settings(args) -> None:
+    """Model settings moved from ``model.<setting>`` to ``model.config.<setting>``: say so, rather than leave the user
+    with the parser's "unrecognized arguments"."""
+    if not isinstance(args, (list, tuple)):
+        return  # a dict or Namespace given from Python
+    moved = set(RNNLMConfig.__dataclass_fields__) - {"format_version"}
+    found = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--model.") and arg[len("--model.") :].split("=")[0] in moved:
+            found.append(f"{arg.split('=')[0]} (now --model.config.{arg[len('--model.') :].split('=')[0]})")
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            model = _yaml_section(path, "model")
+            model = model.get("init_args", model)
+            found += [f"model: {key}: in {path} (now model: config: {key}:)" for key in model if key in moved]
+    if found:
+        raise ConfigError(
+            "The model's settings are now one config object, under model.config: " + "; ".join(found) + ". On the "
+            "command line write --model.config.<setting>; in a YAML file nest the settings under model: config:."
+        )
+
+
+def _yaml_section(path: str, section: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}  # the parser reports an unreadable config file itself
+    value = content.get(section) if isinstance(content, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def cli() -> None:
+    run_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

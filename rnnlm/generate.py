@@ -9,7 +9,8 @@ import argparse
 
 import torch
 
-from rnnlm.lm import LanguageModel
+from rnnlm.errors import run_main
+from rnnlm.inference import load
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -29,11 +30,16 @@ def main(argv: list[str] | None = None) -> str:
     if args.top_k is not None and args.top_k <= 0:
         p.error("--top_k must be a positive integer")
 
-    model = LanguageModel.from_checkpoint(args.checkpoint, map_location=args.device)
-    text = model.sample(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    text = load(args.checkpoint, map_location=args.device).sample(
+        args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
     print(args.prompt + text)
     return text
 
 
+def cli() -> None:
+    run_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -11,7 +11,8 @@ where x_t is a fixed one-hot vector and W_xh is the RNN's own input weight. With
 *is* a table lookup, so the two are the same family of models and the embedding is just cheaper.
 
 The hidden state is an explicit input and output of ``forward`` so that any caller can carry it across chunks
-(truncated BPTT); ``h_0`` is zeros when no state is given.
+(truncated BPTT); ``h_0`` is zeros when no state is given. ``forward(idx, targets)`` returns the loss, as in
+nanoGPT; without targets it returns the logits.
 
 AWD-LSTM regularisation (Merity et al. 2017, "Regularizing and Optimizing LSTM Language Models") is built in, each
 part off by default: weight drop (DropConnect on the hidden-to-hidden weights), locked (variational) dropout,
@@ -28,35 +29,35 @@ on the fused kernels and carry their own state.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
+from rnnlm.config import RNNLMConfig
+from rnnlm.cpu import rnn_kernels_for_autocast
 
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-OUTPUTS = ("softmax", "adaptive")
-# Default cluster boundaries of the adaptive softmax: those below the vocabulary size are used.
-DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
-INPUT_MODES = ("embedding", "one_hot")
+State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 DIRECTIONS = ("forward", "backward")
 
 
-def detach_state(state: State | None) -> State | None:
-    """Cut the graph behind a carried state, so backpropagation stops at the chunk boundary.
+def map_state(fn, state: State | None) -> State | None:
+    """Apply ``fn`` to every tensor of a carried state, keeping its nesting.
 
     A state is a tensor ``[L, B, H]``, an LSTM's ``(h, c)`` pair, or (for a :class:`LayerStack`) a list with one
     such state per layer.
     """
     if state is None:
         return None
-    if isinstance(state, list):
-        return [detach_state(s) for s in state]  # type: ignore[misc]
-    if isinstance(state, tuple):
-        return tuple(detach_state(s) for s in state)  # type: ignore[return-value]
-    return state.detach()
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_state(fn, s) for s in state)
+    return fn(state)
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph behind a carried state, so backpropagation stops at the chunk boundary."""
+    return map_state(Tensor.detach, state)
 
 
 def state_batch_size(state: State) -> int:
@@ -64,16 +65,6 @@ def state_batch_size(state: State) -> int:
     while not isinstance(state, Tensor):
         state = state[0]  # type: ignore[index]
     return state.size(1)
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _probability(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
 
 
 _FUSED_CALLS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}
@@ -174,165 +165,64 @@ class LayerStack(nn.Module):
         return x, states
 
 
-class RNNLM(nn.Module):
-    """A multi-layer recurrent language model on torch's fused RNN kernels (cuDNN on GPU).
+class Output(NamedTuple):
+    """What one call of :class:`RNNLM` returns.
 
-    Args:
-        vocab_size: number of token ids.
-        cell: ``rnn_tanh`` (Elman), ``rnn_relu``, ``lstm`` or ``gru``.
-        num_layers: stacked recurrent layers.
-        embedding_dim: size of the input embedding (ignored with ``input_mode="one_hot"``).
-        hidden_size: size of each recurrent layer's state.
-        input_mode: ``embedding`` (a learned lookup table) or ``one_hot`` (fixed one-hot inputs fed straight
-            into the RNN, whose input weight is then W_xh).
-        dropout_embedding: dropout on the input vectors (AWD-LSTM's ``dropouti``).
-        dropout_between: dropout between stacked recurrent layers (``dropouth``).
-        dropout_output: dropout on the top layer's output, before the decoder (``dropout``).
-        tie_weights: share the embedding table with the decoder (Press & Wolf 2017; Inan et al. 2017). When the top
-            layer's size differs from ``embedding_dim`` a linear projection maps it to the embedding size.
-        bidirectional: add an independent backward stack (a right-to-left language model).
-        share_directions: the backward direction shares the forward one's embedding and output layer (as in
-            ELMo); ``False`` gives it its own.
-        output: ``softmax`` (a linear decoder and a full softmax) or ``adaptive``: the adaptive softmax of
-            Grave et al. (2017), a small head over the frequent ids plus clusters of rarer ids in smaller
-            projections. It is an exact distribution, much cheaper when the vocabulary is large, and assumes ids
-            sorted by frequency (the word tokenizer's ids are).
-        adaptive_cutoffs: the cluster boundaries of the adaptive softmax (increasing ids, each below
-            ``vocab_size - 1``); default: those of 2000, 10000, 50000, 200000 below the vocabulary size.
-        adaptive_div_value: each cluster's projection is this many times narrower than the previous one.
-        hidden_sizes: one size per layer (``num_layers`` entries), overriding ``hidden_size``; AWD-LSTM makes the
-            last one ``embedding_dim`` so that tying needs no projection (e.g. ``[1150, 1150, 400]``).
-        weight_drop: DropConnect probability on the hidden-to-hidden weights (``wdrop``), one mask per chunk.
-        locked_dropout: make the three dropouts above variational (one mask per sequence for the whole chunk).
-        dropout_words: embedding dropout (``dropoute``): drop whole words, i.e. the same word everywhere in a
-            chunk, scaling the kept ones by ``1 / (1 - p)``.
+    ``loss`` (mean cross-entropy in nats/token) when targets were given, else ``logits`` ``[B, T, V]``;
+    ``state`` is the state after the last step. ``outputs`` is the top recurrent layer's output ``[B, T, H]`` and
+    ``features`` the decoder's input ``[B, T, D]`` (after output dropout and the tying projection): what the
+    activation penalties of AWD-LSTM and the continuous pointer read.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        cell: str = "lstm",
-        num_layers: int = 2,
-        embedding_dim: int = 200,
-        hidden_size: int = 200,
-        input_mode: str = "embedding",
-        dropout_embedding: float = 0.0,
-        dropout_between: float = 0.0,
-        dropout_output: float = 0.0,
-        tie_weights: bool = False,
-        bidirectional: bool = False,
-        share_directions: bool = True,
-        output: str = "softmax",
-        adaptive_cutoffs: list[int] | None = None,
-        adaptive_div_value: float = 4.0,
-        hidden_sizes: list[int] | None = None,
-        weight_drop: float = 0.0,
-        locked_dropout: bool = False,
-        dropout_words: float = 0.0,
-    ) -> None:
+    loss: Tensor | None
+    logits: Tensor | None
+    state: State
+    outputs: Tensor
+    features: Tensor
+
+
+class RNNLM(nn.Module):
+    """A multi-layer recurrent language model on torch's fused RNN kernels (cuDNN on GPU), built from a
+    :class:`~rnnlm.config.RNNLMConfig` (which documents every setting)."""
+
+    def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"Unknown cell {cell!r}; choose one of {', '.join(CELLS)}.")
-        if input_mode not in INPUT_MODES:
-            raise ValueError(f"Unknown input_mode {input_mode!r}; choose one of {', '.join(INPUT_MODES)}.")
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("num_layers", num_layers),
-            ("embedding_dim", embedding_dim),
-            ("hidden_size", hidden_size),
-        ):
-            _positive(name, value)
-        for name, p in (
-            ("dropout_embedding", dropout_embedding),
-            ("dropout_between", dropout_between),
-            ("dropout_output", dropout_output),
-            ("weight_drop", weight_drop),
-            ("dropout_words", dropout_words),
-        ):
-            _probability(name, p)
-        if hidden_sizes is not None:
-            if len(hidden_sizes) != num_layers:
-                raise ValueError(
-                    f"hidden_sizes has {len(hidden_sizes)} entries but num_layers is {num_layers}: give one size per "
-                    "layer (or set num_layers to match)."
-                )
-            for i, size in enumerate(hidden_sizes):
-                _positive(f"hidden_sizes[{i}]", size)
-        if output not in OUTPUTS:
-            raise ValueError(f"Unknown output {output!r}; choose one of {', '.join(OUTPUTS)}.")
-        if output == "adaptive":
-            hidden_size = hidden_sizes[-1] if hidden_sizes is not None else hidden_size
-            adaptive_cutoffs = _adaptive_cutoffs(vocab_size, adaptive_cutoffs, adaptive_div_value, tie_weights)
-            for i in range(1, len(adaptive_cutoffs) + 1):
-                if hidden_size // adaptive_div_value**i < 1:
-                    raise ValueError(
-                        f"adaptive_div_value={adaptive_div_value} leaves cluster {i} with no dimensions "
-                        f"(hidden_size {hidden_size} // {adaptive_div_value}**{i} = 0): lower it or use fewer cutoffs."
-                    )
-        if tie_weights and input_mode == "one_hot":
-            raise ValueError(
-                "tie_weights needs an embedding table to share, but input_mode='one_hot' has none; "
-                "use input_mode='embedding' or tie_weights=false."
-            )
-
-        self.vocab_size = vocab_size
-        self.cell = cell
-        self.input_mode = input_mode
-        self.num_layers = num_layers
-        self.bidirectional = bidirectional
-        self.output = output
-        self._adaptive = (adaptive_cutoffs, adaptive_div_value)
-        self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [hidden_size] * num_layers
-        self.weight_drop = weight_drop
-        self.locked_dropout = locked_dropout
-        self.dropout_words = dropout_words
-        self._sizes = (vocab_size, embedding_dim, dropout_between, tie_weights)
-
-        drop = LockedDropout if locked_dropout else nn.Dropout
-        self.drop_in = drop(dropout_embedding)
-        self.drop_out = drop(dropout_output)
+        self.config = config
+        drop = LockedDropout if config.locked_dropout else nn.Dropout
+        self.drop_in = drop(config.dropout_embedding)
+        self.drop_out = drop(config.dropout_output)
         self.embedding, self.rnn, self.projection, self.decoder = self._direction_modules(share=None)
-        if bidirectional:
-            shared = (self.embedding, self.projection, self.decoder) if share_directions else None
+        if config.bidirectional:
+            shared = (self.embedding, self.projection, self.decoder) if config.share_directions else None
             parts = self._direction_modules(share=shared)
             self.embedding_backward, self.rnn_backward, self.projection_backward, self.decoder_backward = parts
 
-    @property
-    def per_layer(self) -> bool:
-        """Whether the stack runs layer by layer (needed for per-layer sizes, weight drop, locked dropout between)."""
-        _, _, dropout_between, _ = self._sizes
-        locked_between = self.locked_dropout and dropout_between > 0 and self.num_layers > 1
-        return len(set(self.hidden_sizes)) > 1 or self.weight_drop > 0 or locked_between
-
     def _direction_modules(self, share: tuple | None) -> tuple:
         """Embedding, recurrent stack, projection and decoder of one direction (input/output layers shared or new)."""
-        vocab_size, embedding_dim, dropout_between, tie_weights = self._sizes
-        input_size = embedding_dim if self.input_mode == "embedding" else vocab_size
-        top = self.hidden_sizes[-1]
-        if self.per_layer:
+        c = self.config
+        input_size = c.embedding_dim if c.input_mode == "embedding" else c.vocab_size
+        top = c.layer_sizes[-1]
+        if c.per_layer:
             rnn: nn.Module = LayerStack(
-                self.cell, input_size, self.hidden_sizes, dropout_between, self.locked_dropout, self.weight_drop
+                c.cell, input_size, list(c.layer_sizes), c.dropout_between, c.locked_dropout, c.weight_drop
             )
         else:
             # One fused call for the whole stack: the fastest path, and the plain model's state-dict names.
-            rnn = make_rnn(self.cell, input_size, top, self.num_layers, dropout_between if self.num_layers > 1 else 0.0)
+            rnn = make_rnn(c.cell, input_size, top, c.num_layers, c.dropout_between if c.num_layers > 1 else 0.0)
         if share is not None:
             embedding, projection, decoder = share
             return embedding, rnn, projection, decoder
 
-        embedding = nn.Embedding(vocab_size, embedding_dim) if self.input_mode == "embedding" else None
+        embedding = nn.Embedding(c.vocab_size, c.embedding_dim) if c.input_mode == "embedding" else None
         # Tying needs the decoder input to have the embedding's size.
-        projection = None
-        if tie_weights and top != embedding_dim:
-            projection = nn.Linear(top, embedding_dim, bias=False)
-        head_size = embedding_dim if projection is not None else top
-        if self.output == "adaptive":
-            cutoffs, div_value = self._adaptive
+        projection = nn.Linear(top, c.embedding_dim, bias=False) if c.tie_weights and top != c.embedding_dim else None
+        head_size = c.embedding_dim if projection is not None else top
+        if c.output == "adaptive":
             decoder: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
-                head_size, vocab_size, cutoffs, div_value=div_value, head_bias=True
+                head_size, c.vocab_size, list(c.cutoffs), div_value=c.adaptive_div_value, head_bias=True
             )
         else:
-            decoder = nn.Linear(head_size, vocab_size)
+            decoder = nn.Linear(head_size, c.vocab_size)
         # The small uniform init of Zaremba et al. / pytorch's word_language_model; the recurrent weights keep
         # torch's default U(-1/sqrt(H), 1/sqrt(H)). (Modules first, then init: a seed gives the same weights as
         # before the adaptive softmax existed.)
@@ -341,94 +231,88 @@ class RNNLM(nn.Module):
         if isinstance(decoder, nn.Linear):
             nn.init.uniform_(decoder.weight, -0.1, 0.1)
             nn.init.zeros_(decoder.bias)
-        if tie_weights:
+        if c.tie_weights:
             decoder.weight = embedding.weight  # type: ignore[union-attr]
         return embedding, rnn, projection, decoder
 
     def _parts(self, direction: str) -> tuple:
         if direction == "forward":
             return self.embedding, self.rnn, self.projection, self.decoder
-        if direction == "backward" and self.bidirectional:
+        if direction == "backward" and self.config.bidirectional:
             return self.embedding_backward, self.rnn_backward, self.projection_backward, self.decoder_backward
         raise ValueError(
             f"direction must be one of {DIRECTIONS} (backward needs bidirectional=True), got {direction!r}"
         )
 
-    def embed(self, idx: Tensor, direction: str = "forward") -> Tensor:
-        """Input vectors x_t of the ids (an embedding row, or the fixed one-hot vector)."""
-        embedding = self._parts(direction)[0]
+    # ------------------------------------------------------------------------------------------- the pass
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, state: State | None = None, direction: str = "forward"
+    ) -> Output:
+        """Read ids ``[B, T]`` from ``state`` (zeros when None) and predict the next token at every position.
+
+        With ``targets`` ``[B, T]`` the output holds the mean cross-entropy of the targets (the adaptive softmax
+        then computes only the clusters the targets fall in, never the full distribution); without, the logits
+        (with ``output="adaptive"`` the exact log-probabilities, which sampling and cross-entropy treat like
+        logits). ``direction="backward"`` runs the backward stack: give it the ids in reversed order, and its
+        "next" token is then the previous one of the original order.
+        """
+        embedding, rnn, projection, decoder = self._parts(direction)
+        x = self.drop_in(self._drop_words(self._embed(idx, direction), idx))
+        with rnn_kernels_for_autocast():
+            outputs, state = rnn(x, state)
+        features = self.drop_out(outputs)
+        if projection is not None:
+            features = projection(features)
+        if targets is None:
+            return Output(None, self._logits(decoder, features), state, outputs, features)
+        return Output(self._loss(decoder, features, targets), None, state, outputs, features)
+
+    def _embed(self, idx: Tensor, direction: str) -> Tensor:
+        """Input vectors x_t of the ids: an embedding row, or the fixed one-hot vector."""
+        embedding, rnn = self._parts(direction)[:2]
         if embedding is None:
-            return F.one_hot(idx, self.vocab_size).to(self._parts(direction)[1].weight_ih_l0.dtype)
+            return F.one_hot(idx, self.config.vocab_size).to(next(rnn.parameters()).dtype)
         return embedding(idx)
 
     def _drop_words(self, x: Tensor, idx: Tensor) -> Tensor:
         # One keep/drop draw per vocabulary entry, looked up per position: the same as masking the embedding table's
         # rows (Gal & Ghahramani 2016) without touching the whole table.
-        if not self.training or self.dropout_words == 0:
+        p = self.config.dropout_words
+        if not self.training or p == 0:
             return x
-        keep = x.new_empty(self.vocab_size).bernoulli_(1 - self.dropout_words).div_(1 - self.dropout_words)
+        keep = x.new_empty(self.config.vocab_size).bernoulli_(1 - p).div_(1 - p)
         return x * keep[idx].unsqueeze(-1)
 
-    def recurrent(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
-        """The top recurrent layer's output ``[B, T, H]`` (before output dropout) and the state after the last step."""
-        rnn = self._parts(direction)[1]
-        x = self.drop_in(self._drop_words(self.embed(idx, direction), idx))
-        return rnn(x, state)
+    def _logits(self, decoder: nn.Module, features: Tensor) -> Tensor:
+        if self.config.output == "adaptive":
+            with _no_autocast(features):
+                flat = features.reshape(-1, features.size(-1)).float()
+                return decoder.log_prob(flat).view(*features.shape[:-1], -1)
+        return decoder(features)
 
-    def head_input(self, top: Tensor, direction: str = "forward") -> Tensor:
-        """What the decoder reads from the top layer's output: after output dropout and the tying projection."""
-        projection = self._parts(direction)[2]
-        h = self.drop_out(top)
-        return projection(h) if projection is not None else h
-
-    def features(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
-        """The decoder's input ``[B, T, D]`` for ids ``[B, T]`` and the state after the last step."""
-        top, state = self.recurrent(idx, state, direction)
-        return self.head_input(top, direction), state
-
-    def decode(self, hidden: Tensor, direction: str = "forward") -> Tensor:
-        """Logits ``[B, T, V]`` of the decoder input ``hidden`` (exact log-probabilities with the adaptive softmax,
-        which sampling and cross-entropy treat like logits)."""
-        decoder = self._parts(direction)[3]
-        if self.output == "adaptive":
-            with _no_autocast(hidden):
-                flat = hidden.reshape(-1, hidden.size(-1)).float()
-                return decoder.log_prob(flat).view(*hidden.shape[:-1], -1)
-        return decoder(hidden)
-
-    def head_loss(self, hidden: Tensor, targets: Tensor, direction: str = "forward") -> Tensor:
-        """Mean cross-entropy (nats/token) of ``targets`` from the decoder input ``hidden``.
-
-        The adaptive softmax computes only the clusters that the targets fall in, never the full ``[B, T, V]``
-        distribution; its loss is exactly ``-mean log p(target)``.
-        """
-        decoder = self._parts(direction)[3]
-        if self.output == "adaptive":
-            with _no_autocast(hidden):
-                return decoder(hidden.reshape(-1, hidden.size(-1)).float(), targets.reshape(-1)).loss
-        logits = decoder(hidden)
+    def _loss(self, decoder: nn.Module, features: Tensor, targets: Tensor) -> Tensor:
+        if self.config.output == "adaptive":
+            with _no_autocast(features):
+                return decoder(features.reshape(-1, features.size(-1)).float(), targets.reshape(-1)).loss
+        logits = decoder(features)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
-    def forward(self, idx: Tensor, state: State | None = None, direction: str = "forward") -> tuple[Tensor, State]:
-        """Map token ids ``[B, T]`` to logits ``[B, T, V]`` of the next token and the state after the last step.
+    # ------------------------------------------------------------------------------------------- uses
+    def representations(self, idx: Tensor, all_layers: bool = False) -> Tensor | list[Tensor]:
+        """Contextual vectors of a bidirectional model for each position of ``idx`` ``[B, T]`` (ELMo's use).
 
-        With ``output="adaptive"`` the "logits" are the exact log-probabilities (softmax of them is the model's
-        distribution, so sampling and cross-entropy treat them like logits). ``direction="backward"`` runs the
-        backward stack; give it the ids in reversed order, and its "next" token is then the previous one of the
-        original order.
+        Position t gets the forward state after reading tokens <= t concatenated with the backward state after
+        reading tokens >= t (right to left): ``[B, T, 2H]`` for the top layer, or one such tensor per layer.
         """
-        hidden, state = self.features(idx, state, direction)
-        return self.decode(hidden, direction), state
+        if not self.config.bidirectional:
+            raise ValueError("representations() needs a bidirectional model (bidirectional=True).")
+        fwd = self._layer_outputs(self._embed(idx, "forward"), "forward")
+        bwd = self._layer_outputs(self._embed(idx.flip(1), "backward"), "backward")
+        both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd)]
+        return both if all_layers else both[-1]
 
-    def loss(
-        self, idx: Tensor, targets: Tensor, state: State | None = None, direction: str = "forward"
-    ) -> tuple[Tensor, State]:
-        """Mean cross-entropy (nats/token) of ``targets`` given ``idx``, and the last state."""
-        hidden, state = self.features(idx, state, direction)
-        return self.head_loss(hidden, targets, direction), state
-
-    def layer_outputs(self, x: Tensor, direction: str = "forward") -> list[Tensor]:
-        """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given (eval use).
+    def _layer_outputs(self, x: Tensor, direction: str) -> list[Tensor]:
+        """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given.
 
         The fused module only returns its top layer, so each layer is run on its own with that layer's weights.
         """
@@ -453,19 +337,6 @@ class RNNLM(nn.Module):
             outputs.append(h)
         return outputs
 
-    def representations(self, idx: Tensor, all_layers: bool = False) -> Tensor | list[Tensor]:
-        """Contextual vectors of a bidirectional model for each position of ``idx`` ``[B, T]``.
-
-        Position t gets the forward state after reading tokens <= t concatenated with the backward state after
-        reading tokens >= t (right to left): ``[B, T, 2H]`` for the top layer, or one such tensor per layer.
-        """
-        if not self.bidirectional:
-            raise ValueError("representations() needs a bidirectional model (bidirectional=True).")
-        fwd = self.layer_outputs(self.embed(idx, "forward"), "forward")
-        bwd = self.layer_outputs(self.embed(idx.flip(1), "backward"), "backward")
-        both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd)]
-        return both if all_layers else both[-1]
-
     @torch.no_grad()
     def generate(
         self,
@@ -486,10 +357,10 @@ class RNNLM(nn.Module):
             raise ValueError("generate needs at least one prompt token to condition on.")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
-        logits, state = self(prompt)
-        out = []
+        out = self(prompt)
+        new = []
         for _ in range(max_new_tokens):
-            last = logits[:, -1].float()
+            last = out.logits[:, -1].float()
             if temperature == 0:
                 nxt = last.argmax(-1, keepdim=True)
             else:
@@ -497,54 +368,18 @@ class RNNLM(nn.Module):
                 if top_k is not None and top_k < last.size(-1):
                     kth = torch.topk(last, top_k, dim=-1).values[:, -1:]
                     last = last.masked_fill(last < kth, float("-inf"))
-                probs = torch.softmax(last, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            out.append(nxt)
-            logits, state = self(nxt, state)
-        if not out:
+                nxt = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
+            new.append(nxt)
+            out = self(nxt, state=out.state)
+        if not new:
             return prompt.new_empty(prompt.size(0), 0)
-        return torch.cat(out, dim=1)
+        return torch.cat(new, dim=1)
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
     # The adaptive softmax writes its per-cluster results into one float32 tensor, which mixed-precision
     # autocast breaks (bf16 into float32); it runs in float32, and is cheap by design.
     return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def _adaptive_cutoffs(
-    vocab_size: int, cutoffs: list[int] | None, div_value: float, tie_weights: bool
-) -> list[int]:
-    """Checked cluster boundaries of the adaptive softmax (the defaults when none are given)."""
-    if tie_weights:
-        raise ValueError(
-            "tie_weights is not supported with output='adaptive' (the adaptive softmax has its own head and cluster "
-            "projections, which do not share the embedding table); use tie_weights=false or output='softmax'."
-        )
-    if div_value <= 0:
-        raise ValueError(f"adaptive_div_value must be positive, got {div_value!r}.")
-    if cutoffs is None:
-        cutoffs = [c for c in DEFAULT_CUTOFFS if c < vocab_size - 1]
-        if not cutoffs:
-            raise ValueError(
-                f"The vocabulary has only {vocab_size} ids, below the smallest default cutoff of the adaptive softmax "
-                f"({DEFAULT_CUTOFFS[0]}): a full softmax is cheap here (output='softmax'), or set adaptive_cutoffs."
-            )
-        return cutoffs
-    cutoffs = list(cutoffs)
-    if (
-        not cutoffs
-        or any(not isinstance(c, int) or isinstance(c, bool) for c in cutoffs)
-        or cutoffs != sorted(set(cutoffs))
-        or cutoffs[0] <= 0
-        or cutoffs[-1] >= vocab_size - 1
-    ):
-        raise ValueError(
-            f"adaptive_cutoffs must be increasing, distinct ids between 1 and vocab_size - 2 = {vocab_size - 2}, "
-            f"got {cutoffs!r}. Ids below the first cutoff go to the head (give the frequent ones), each later range "
-            "to one cluster, e.g. [2000, 10000] for a 33k-word vocabulary."
-        )
-    return cutoffs
 
 
 def _rnn_kwargs(rnn: nn.RNNBase) -> dict:

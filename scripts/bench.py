@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -56,35 +56,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 
 
 # --------------------------------------------------------------------------------------------- the hand-written side
 class HandWrittenLM(nn.Module):
-    """Embedding -> fused RNN -> linear decoder, as one writes it by hand (cf. pytorch/examples word_language_model)."""
+    """Embedding -> fused RNN -> linear decoder, as one writes it by hand (cf. pytorch/examples word_language_model).
 
-    def __init__(
-        self,
-        vocab_size: int,
-        cell: str = "lstm",
-        num_layers: int = 2,
-        embedding_dim: int = 200,
-        hidden_size: int = 200,
-        dropout_embedding: float = 0.0,
-        dropout_between: float = 0.0,
-        dropout_output: float = 0.0,
-    ) -> None:
+    Reads the settings of an rnnlm config that such a model has (cell, sizes, the three plain dropouts); it is
+    always untied, with a full softmax and one fused stack.
+    """
+
+    def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        kwargs = dict(dropout=dropout_between if num_layers > 1 else 0.0, batch_first=True)
-        if cell == "lstm":
-            self.rnn: nn.RNNBase = nn.LSTM(embedding_dim, hidden_size, num_layers, **kwargs)
-        elif cell == "gru":
-            self.rnn = nn.GRU(embedding_dim, hidden_size, num_layers, **kwargs)
+        c = config
+        if c.input_mode != "embedding" or c.per_layer or c.bidirectional:
+            raise SystemExit("The hand-written loop is one embedding, one fused stack, one direction: benchmark a "
+                             "config with input_mode=embedding, one hidden size, no weight drop, unidirectional.")
+        self.embedding = nn.Embedding(c.vocab_size, c.embedding_dim)
+        kwargs = dict(dropout=c.dropout_between if c.num_layers > 1 else 0.0, batch_first=True)
+        if c.cell == "lstm":
+            self.rnn: nn.RNNBase = nn.LSTM(c.embedding_dim, c.hidden_size, c.num_layers, **kwargs)
+        elif c.cell == "gru":
+            self.rnn = nn.GRU(c.embedding_dim, c.hidden_size, c.num_layers, **kwargs)
         else:
-            self.rnn = nn.RNN(embedding_dim, hidden_size, num_layers, nonlinearity=cell.removeprefix("rnn_"), **kwargs)
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        self.drop_in, self.drop_out = nn.Dropout(dropout_embedding), nn.Dropout(dropout_output)
+            nonlinearity = c.cell.removeprefix("rnn_")
+            self.rnn = nn.RNN(c.embedding_dim, c.hidden_size, c.num_layers, nonlinearity=nonlinearity, **kwargs)
+        self.decoder = nn.Linear(c.hidden_size, c.vocab_size)
+        self.drop_in, self.drop_out = nn.Dropout(c.dropout_embedding), nn.Dropout(c.dropout_output)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
@@ -223,7 +223,7 @@ class HandWrittenLoop:
 class Recipe:
     """What both sides train with, read from an rnnlm config."""
 
-    model: dict
+    model: dict  # the rnnlm model settings but vocab_size, which comes from the data
     batch_size: int
     eval_batch_size: int
     bptt: int
@@ -233,15 +233,11 @@ class Recipe:
     scheduler: tuple[str, dict] | None
     seed: int = 1234
     bf16: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_cli(cls, cli) -> Recipe:
         c = cli.config
-        model = {k: c.model[k] for k in ("cell", "num_layers", "embedding_dim", "hidden_size", "dropout_embedding",
-                                         "dropout_between", "dropout_output")}
-        if c.model.get("input_mode", "embedding") != "embedding":
-            raise SystemExit("The hand-written loop uses an embedding: benchmark configs with input_mode=embedding.")
+        model = {k: v for k, v in c.model.config.as_dict().items() if k != "vocab_size"}
         opt = c.optimizer if c.get("optimizer") else None
         optimizer = (opt.class_path, dict(opt.init_args)) if opt else ("torch.optim.AdamW", {"lr": 2e-3})
         sched = c.get("lr_scheduler")
@@ -256,7 +252,6 @@ class Recipe:
             bf16=str(c.trainer.precision).startswith("bf16"),
             scheduler=(sched.class_path, dict(sched.init_args)) if sched else None,
             seed=c.seed_everything if isinstance(c.seed_everything, int) else 1234,
-            extra={"tie_weights": c.model.tie_weights, "output": c.model.get("output", "softmax")},
         )
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -268,7 +263,7 @@ class Recipe:
 def hand_written_loop(
     recipe: Recipe, vocab_size: int, train_ids: np.ndarray, device: torch.device | str = "cpu"
 ) -> HandWrittenLoop:
-    model = HandWrittenLM(vocab_size, **recipe.model).to(device)
+    model = HandWrittenLM(RNNLMConfig(vocab_size=vocab_size, **recipe.model)).to(device)
     return HandWrittenLoop(model, train_ids, recipe.batch_size, recipe.bptt, recipe.make_optimizer(model.parameters()),
                            recipe.clip_val, recipe.clip_algorithm, recipe.bf16)
 
@@ -394,7 +389,7 @@ def bench_train(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, pr
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         result = _summary("train", timer.rates)
         result.update(batch_size=recipe.batch_size, bptt=recipe.bptt, vocab_size=vocab, model=recipe.model,
-                      extra=recipe.extra, threads=torch.get_num_threads())
+                      threads=torch.get_num_threads())
         return result
 
 
@@ -515,7 +510,7 @@ def full(rnnlm_args: list[str], epochs: int, limit: float | None, side: str = "b
             device = trainer.strategy.root_device
         recipe = Recipe.from_cli(cli)
         if side != "rnnlm":
-            if recipe.extra["tie_weights"] or recipe.extra["output"] != "softmax":
+            if recipe.model.get("tie_weights") or recipe.model.get("output", "softmax") != "softmax":
                 print("note: the hand-written loop is untied with a full softmax; the rnnlm side is not.")
             hand = hand_written_run(recipe, data.vocab_size, data.ids, epochs, limit, device)
     if rnnlm_result is not None:

@@ -1,0 +1,117 @@
+"""Using a trained model without Lightning: load it, encode text, sample.
+
+    import rnnlm
+    lm = rnnlm.load("runs/.../checkpoints/last.ckpt")
+    print(lm.sample("The with statement", max_new_tokens=200, temperature=0.7, seed=0))
+    out = lm.model(ids, targets)          # a plain torch module: RNNLM
+
+A checkpoint is read with ``weights_only=True``: it holds tensors and plain types only, so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from rnnlm.checkpointing import CheckpointError, load_safely
+from rnnlm.config import RNNLMConfig
+from rnnlm.errors import ConfigError
+from rnnlm.model import RNNLM
+from rnnlm.tokenization import Encoder
+
+
+@dataclass
+class TrainedModel:
+    """A trained model with what it needs to read and write text.
+
+    ``data`` holds the data settings it was trained with (source, tokenizer level, ...), ``chars_per_token`` the
+    characters per token of its training data per stage (``train``, ``val``, ``test``).
+    """
+
+    model: RNNLM
+    tokenizer: Tokenizer
+    data: dict = field(default_factory=dict)
+    chars_per_token: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.encoder = Encoder(self.tokenizer)
+
+    @property
+    def config(self) -> RNNLMConfig:
+        return self.model.config
+
+    def sample(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """Text generated after ``prompt``; the hidden state starts from a document boundary."""
+        return sample(self.model, self.encoder, prompt, max_new_tokens, temperature, top_k, seed)
+
+
+def sample(
+    model: RNNLM,
+    encoder: Encoder,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """Generate text after ``prompt`` with ``model``; the hidden state starts from a document boundary."""
+    device = next(model.parameters()).device
+    prompt_ids = encoder.encode_text(prompt)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        start = torch.tensor([encoder.separator, *prompt_ids], device=device)
+        new = model.generate(start, max_new_tokens, temperature, top_k, generator).tolist()
+    finally:
+        model.train(was_training)
+    # Decode prompt and continuation together so that word-level spacing comes out right.
+    head, full = encoder.decode(prompt_ids), encoder.decode(prompt_ids + new)
+    return full[len(head) :] if full.startswith(head) else full
+
+
+def config_of_checkpoint(checkpoint: dict) -> RNNLMConfig:
+    """The model config a checkpoint was written with (also from checkpoints of rnnlm before the config object,
+    whose model settings were flat hyperparameters)."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "config" in hparams:
+        return RNNLMConfig.from_dict(dict(hparams["config"]))
+    names = set(RNNLMConfig.__dataclass_fields__)
+    return RNNLMConfig.from_dict({k: v for k, v in hparams.items() if k in names})
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """Load a trained model, its tokenizer and what it knows of its data from an rnnlm checkpoint (``.ckpt``)."""
+    path = str(path)
+    checkpoint = load_safely(path, map_location)
+    extra = checkpoint.get("rnnlm")
+    if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
+    try:
+        config = config_of_checkpoint(checkpoint)
+    except ConfigError as err:
+        raise CheckpointError(f"The model settings in {path!r} cannot be used: {err}") from None
+    model = RNNLM(config)
+    prefix = "model."
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"The weights in {path!r} do not fit its model settings: {err}") from None
+    data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+    return TrainedModel(
+        model=model.to(map_location).eval(),
+        tokenizer=Tokenizer.from_str(extra["tokenizer"]),
+        data=data,
+        chars_per_token=dict(extra.get("chars_per_token", {})),
+    )
