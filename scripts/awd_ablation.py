@@ -35,9 +35,9 @@ BASE = [
 # Each AWD option at the paper's value (Merity et al. 2017 / the AWD-LSTM README), one at a time.
 OPTIONS = {
     "baseline": [],
-    "weight_drop": ["--model.weight_drop", "0.5"],
-    "locked_dropout": ["--model.locked_dropout", "true"],
-    "embedding_dropout": ["--model.dropout_words", "0.1"],
+    "weight_drop": ["--model.config.weight_drop", "0.5"],
+    "locked_dropout": ["--model.config.locked_dropout", "true"],
+    "embedding_dropout": ["--model.config.dropout_words", "0.1"],
     "ar_tar": ["--model.activation_regularization", "2.0", "--model.temporal_activation_regularization", "1.0"],
     "weight_decay": ["--optimizer.init_args.weight_decay", "1.2e-6"],
     "variable_bptt": ["--data.variable_bptt", "true", "--trainer.reload_dataloaders_every_n_epochs", "1"],
