@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from rnnlm.config import RNNLMConfig  # noqa: E402
+from rnnlm.inference import TrainedModel, load  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
 
-__all__ = ["RNNLM", "__version__"]
+__all__ = ["RNNLM", "RNNLMConfig", "TrainedModel", "__version__", "load"]
