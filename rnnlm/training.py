@@ -134,7 +134,8 @@ class ChunkLengthLR(L.Callback):
             handle.remove()
         self._handles = []
 
-    on_exception = on_train_end  # type: ignore[assignment]
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         loader = trainer.train_dataloader
