@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.errors import ConfigError, run_main
 from rnnlm.inference import load
+from rnnlm.lm import LN2, loss_metrics
 from rnnlm.model import DIRECTIONS, RNNLM
 from rnnlm.pointer import ContinuousPointer
 from rnnlm.sources import DataError
@@ -29,7 +29,6 @@ from rnnlm.streams import ChunkLoader
 # AWD-LSTM's pointer settings for WikiText-2 (its README): theta 0.662, lambda 0.1279 (window 3785).
 DEFAULT_THETA = 0.662
 DEFAULT_LAMBDA = 0.1279
-LN2 = math.log(2)
 
 
 @torch.no_grad()
@@ -102,22 +101,17 @@ def evaluate(
         "source": data.hparams.source,
         "split": split,
         "tokens": loader.tokens_per_epoch,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "bits_per_token": loss / LN2,
-        "bpc": loss / LN2 / chars,
+        **loss_metrics(loss, chars),
         "bits_per_byte": loss / LN2 / nbytes,
     }
-    if "backward" in losses:
-        for direction in DIRECTIONS:
-            result.update({f"{direction}_loss": losses[direction], f"{direction}_ppl": math.exp(losses[direction]),
-                           f"{direction}_bpc": losses[direction] / LN2 / chars})
+    named = {direction: losses[direction] for direction in DIRECTIONS if "backward" in losses}
+    if pointer is not None:
+        named["pointer"] = losses["pointer"]
+    for prefix, value in named.items():
+        result.update({f"{prefix}_{k}": v for k, v in loss_metrics(value, chars).items() if k != "bits_per_token"})
     result.update({"batch_size": loader.rows.shape[0], "bptt": loader.bptt})
     if pointer is not None:
         result.update({
-            "pointer_loss": losses["pointer"],
-            "pointer_ppl": math.exp(losses["pointer"]),
-            "pointer_bpc": losses["pointer"] / LN2 / chars,
             "pointer_window": pointer.window,
             "pointer_theta": pointer.theta,
             "pointer_lambda": pointer.lam,

@@ -34,6 +34,16 @@ LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
 
 
+def loss_metrics(loss, chars_per_token: float | None = None) -> dict:
+    """A loss in nats/token with what is derived from it: perplexity, bits per token and, given the characters per
+    token of the text, bits per character. ``loss`` is a tensor or a float, and so are the results."""
+    exp = torch.exp if isinstance(loss, Tensor) else math.exp
+    metrics = {"loss": loss, "ppl": exp(loss), "bits_per_token": loss / LN2}
+    if chars_per_token is not None:
+        metrics["bpc"] = loss / LN2 / chars_per_token
+    return metrics
+
+
 class CarriedState:
     """The detached hidden state each stage's streams carry from one chunk to the next, per direction.
 
@@ -190,14 +200,11 @@ class LanguageModel(L.LightningModule):
         named = {f"{stage}/": sum(losses.values()) / len(losses)}
         if len(losses) > 1:
             named.update({f"{stage}/{direction}/": loss for direction, loss in losses.items()})
-        metrics = {}
-        for prefix, loss in named.items():
-            metrics[prefix + "loss"] = loss
-            metrics[prefix + "ppl"] = torch.exp(loss)
-            metrics[prefix + "bits_per_token"] = loss / LN2
-            if stage in self.chars_per_token:
-                metrics[prefix + "bpc"] = loss / LN2 / self.chars_per_token[stage]
-        return metrics
+        return {
+            prefix + name: value
+            for prefix, loss in named.items()
+            for name, value in loss_metrics(loss, self.chars_per_token.get(stage)).items()
+        }
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         outputs = self._run("train", batch)
