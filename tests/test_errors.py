@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_text
+from conftest import fit_args, make_text
 
 from rnnlm import fit
 from rnnlm.data import LMDataModule
@@ -28,7 +28,6 @@ from rnnlm.model import CELLS, RNNLM
 from rnnlm.sources import DataError, load_corpus
 from rnnlm.tokenization import LEVELS, TokenizerError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 HUB_NAME = "no-such-org/no-such-dataset"
 
 
@@ -42,19 +41,8 @@ def small_file(tmp_path: Path) -> Path:
 
 
 def cli_args(tmp_path: Path, source: str | Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(CONFIG),
-        "--data.source", str(source),
-        "--trainer.max_steps", "2",
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--model.hidden_size", "8",
-        "--model.embedding_dim", "8",
-        "--sample.max_new_tokens", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        *extra,
-    ]  # fmt: skip
+    return fit_args(tmp_path / "runs", source, "--model.hidden_size", "8", "--trainer.max_steps", "2",
+                    "--trainer.logger", "false", *extra, cache=tmp_path / "cache")
 
 
 def assert_not_trained(tmp_path: Path) -> None:

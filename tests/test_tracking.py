@@ -12,29 +12,21 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import FIT, ROOT, fit_args
 
 from rnnlm.fit import main as fit_main
 from rnnlm.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
 
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-
 
 def _tiny(corpus: Path, out: Path, steps: int = 6) -> list[str]:
-    return [
-        "--config", str(QUICKSTART),
-        "--data.source", str(corpus),
-        "--data.cache_dir", str(out / "cache"),
-        "--data.batch_size", "2", "--data.eval_batch_size", "2", "--data.bptt", "8",
-        "--model.embedding_dim", "8", "--model.hidden_size", "16",
+    return fit_args(
+        out, corpus,
         "--trainer.accelerator", "cpu",
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3",
         "--trainer.limit_val_batches", "3", "--trainer.limit_test_batches", "3",
         "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(out),
         "--sample.max_new_tokens", "12",
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _records(run_dir: Path) -> dict[str, list]:
@@ -122,7 +114,7 @@ def test_no_credentials_and_no_mode_goes_offline_at_once(corpus_dir, tmp_path):
 def test_disabled_mode_writes_no_run(corpus_dir, tmp_path):
     # A fresh process: wandb keeps the mode of its first run for the rest of a process.
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "rnnlm.fit", *_tiny(corpus_dir, tmp_path, steps=2)], env=env,
+    proc = subprocess.run([*FIT, *_tiny(corpus_dir, tmp_path, steps=2)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Trainer.fit` stopped: `max_steps=2` reached" in proc.stdout + proc.stderr
@@ -136,7 +128,7 @@ def test_log_model_offline_does_not_crash(corpus_dir, tmp_path, offline):
 
 def test_ddp_job_makes_one_run(corpus_dir, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rnnlm.fit", *_tiny(corpus_dir, tmp_path, steps=3),
+    cmd = [*FIT, *_tiny(corpus_dir, tmp_path, steps=3),
            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--sample.max_new_tokens", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
