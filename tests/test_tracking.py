@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,9 @@ def test_a_resumed_run_continues_its_wandb_run_and_checkpoint_folder(corpus_dir,
     assert second.trainer.logger.name == first.trainer.logger.name
     assert Path(second.trainer.checkpoint_callback.dirpath) == last.parent
     assert second.trainer.global_step == 6
-    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    # Offline run folders are named offline-run-<start time to the second>-<run id>, and W&B appends -1 when the
+    # second process starts within the same second as the first.
+    runs = [r for r in (tmp_path / "wandb").glob("offline-run-*") if re.fullmatch(rf".*-{run_id}(-\d+)?", r.name)]
     assert len(runs) == 2, "the resumed process appends to the same W&B run id"
 
 
