@@ -20,6 +20,8 @@ from conftest import FIT, fit_args, make_text, sigterm_once_training
 
 STEPS = 6
 
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
 
 def _args(corpus: Path, out: Path, batch_size: int) -> list[str]:
     return fit_args(

@@ -265,6 +265,7 @@ print("IDS", {s: hashlib.sha256(bytes(data.ids[s])).hexdigest() for s in sorted(
 """
 
 
+@pytest.mark.slow  # three fresh processes
 def test_processes_preparing_the_same_cache_at_once_share_one_result(corpus_dir, tmp_path):
     """Several jobs (or all ranks of one) starting together on an empty cache: one trains the tokenizer and encodes
     each split, the others wait and read it; every process sees the same complete files."""

@@ -169,6 +169,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_path):
     """A scheduler-style SIGTERM at an arbitrary moment of a real `python -m rnnlm.fit` process."""
     fit = FIT

@@ -98,6 +98,7 @@ def test_offline_run_holds_the_config_metrics_and_samples(corpus_dir, tmp_path, 
     assert summary["test/loss"] == pytest.approx(float(cli.trainer.callback_metrics["test/loss"]), rel=1e-6)
 
 
+@pytest.mark.slow  # a training in a fresh process
 def test_no_credentials_and_no_mode_goes_offline_at_once(corpus_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"))
@@ -111,6 +112,7 @@ def test_no_credentials_and_no_mode_goes_offline_at_once(corpus_dir, tmp_path):
     assert "Network error" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a training in a fresh process
 def test_disabled_mode_writes_no_run(corpus_dir, tmp_path):
     # A fresh process: wandb keeps the mode of its first run for the rest of a process.
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -126,6 +128,8 @@ def test_log_model_offline_does_not_crash(corpus_dir, tmp_path, offline):
     assert Path(cli.trainer.checkpoint_callback.best_model_path).is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_job_makes_one_run(corpus_dir, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [*FIT, *_tiny(corpus_dir, tmp_path, steps=3),
