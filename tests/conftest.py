@@ -1,18 +1,36 @@
-"""Shared fixtures: every test runs offline with its own caches and small generated corpora."""
+"""Shared fixtures and helpers: every test runs offline with its own caches and small generated corpora.
+
+The helpers build the small objects most tests need: ``tiny_trainer``, ``tiny_data`` and ``tiny_model`` for the
+Python API, ``fit_args`` / ``run_fit`` for the CLI (``rnnlm.fit.main``; ``FIT`` runs it in a subprocess). Each test
+passes only what it needs to differ.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # imported where used, after the environment below is set (datasets reads it on import)
+    import lightning as L
+
+    from rnnlm.data import LMDataModule
+    from rnnlm.lm import LanguageModel
 
 # Never reach for the network in tests: the Hub code path is exercised with local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+FIT = [sys.executable, "-m", "rnnlm.fit"]  # the CLI in a fresh process
 
 WORDS = (
     "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees "
@@ -67,3 +85,61 @@ def sigterm_once_training(cmd: list[str], last: Path, **popen) -> tuple[int, str
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
     return proc.returncode, output
+
+
+# ----------------------------------------------------------------------------------------- Python API
+def tiny_trainer(root: Path, **overrides) -> L.Trainer:
+    """A quiet single-process CPU Trainer writing under ``root``: no logger, no checkpoints unless asked."""
+    import lightning as L
+
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    return L.Trainer(**{**settings, **overrides})
+
+
+def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
+    """A char-level data module (4 streams, chunks of 9) caching under ``root / "cache"``."""
+    from rnnlm.data import LMDataModule
+
+    settings = dict(source=str(source), tokenizer="char", batch_size=4, bptt=9, cache_dir=str(root / "cache"))
+    return LMDataModule(**{**settings, **overrides})
+
+
+def tiny_model(vocab_size: int, **overrides) -> LanguageModel:
+    """A 2-layer LSTM with 8-dimensional embeddings and 16 hidden units."""
+    from rnnlm.lm import LanguageModel
+
+    settings = dict(cell="lstm", num_layers=2, embedding_dim=8, hidden_size=16)
+    return LanguageModel(vocab_size, **{**settings, **overrides})
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+TINY_ARGS = (
+    "--data.batch_size", "2", "--data.bptt", "8",
+    "--model.embedding_dim", "8", "--model.hidden_size", "16",
+    "--sample.max_new_tokens", "0",
+)  # fmt: skip
+
+
+def fit_args(root: Path, source: str | Path | None, *extra: str, config: Path = QUICKSTART,
+             cache: Path | None = None, tiny: bool = True) -> list[str]:
+    """Arguments for ``rnnlm.fit``: ``config``, the data ``source`` (None: the config's), the token cache
+    (default ``root / "cache"``), ``root`` as the Trainer's default_root_dir, no progress bar and, with ``tiny``,
+    a small model on 2 streams of 8 tokens without samples; then ``extra``, which overrides any of these (the
+    last value of an option wins)."""
+    args = ["--config", str(config)]
+    if source is not None:
+        args += ["--data.source", str(source)]
+    args += [
+        "--data.cache_dir", str(cache if cache is not None else root / "cache"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    return [*args, *(TINY_ARGS if tiny else ()), *extra]
+
+
+def run_fit(root: Path, source: str | Path | None, *extra: str, **options):
+    """Run ``rnnlm.fit.main`` in this process with ``fit_args(root, source, *extra, **options)``; return its CLI."""
+    from rnnlm.fit import main
+
+    return main(fit_args(root, source, *extra, **options))

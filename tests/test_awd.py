@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_data, tiny_trainer
 
 from rnnlm import evaluate
 from rnnlm.cache import NeuralCache
 from rnnlm.callbacks import NTASGD
-from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
 from rnnlm.sources import DataError
 from rnnlm.streams import ChunkLoader, draw_spans, rank_rows
-
-
-def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-def tiny_data(source, tmp_path, **kwargs) -> LMDataModule:
-    settings = dict(source=str(source), tokenizer="char", batch_size=4, bptt=9, cache_dir=str(tmp_path / "cache"))
-    return LMDataModule(**{**settings, **kwargs})
 
 
 # ----------------------------------------------------------------------------------------- model

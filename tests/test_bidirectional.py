@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_trainer
 
-from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.model import CELLS, RNNLM, detach_state
 from rnnlm.streams import ChunkLoader, cut_streams
@@ -114,12 +111,10 @@ def test_each_direction_sees_every_token_once(length, streams, bptt):
 
 
 def test_trainer_reports_both_directions_and_their_mean(corpus_dir, tmp_path):
-    data = LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=3, bptt=7, bidirectional=True,
-                        cache_dir=str(tmp_path / "cache"))
+    data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7, bidirectional=True)
     torch.manual_seed(1)
     model = LanguageModel(data.vocab_size, num_layers=2, embedding_dim=8, hidden_size=12, bidirectional=True)
-    trainer = L.Trainer(max_steps=4, limit_val_batches=1.0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = tiny_trainer(tmp_path, max_steps=4, limit_val_batches=1.0)
     trainer.fit(model, datamodule=data)
     metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
 
@@ -136,30 +131,23 @@ def test_trainer_reports_both_directions_and_their_mean(corpus_dir, tmp_path):
 
 
 def test_a_bidirectional_model_refuses_unidirectional_data(corpus_dir, tmp_path):
-    data = LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=3, bptt=7,
-                        cache_dir=str(tmp_path / "cache"))
+    data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7)
     model = LanguageModel(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8, bidirectional=True)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path)
+    trainer = tiny_trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="bidirectional"):
         trainer.fit(model, datamodule=data)
 
 
 def test_bilm_config_runs_through_the_cli(corpus_dir, tmp_path, capsys):
     from rnnlm import evaluate
-    from rnnlm.fit import main as fit_main
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "wikitext2_bilm.yaml"
-    cli = fit_main([
-        "--config", str(config),
-        "--data.source", str(corpus_dir),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.batch_size", "2", "--data.eval_batch_size", "2", "--data.bptt", "8",
-        "--model.hidden_size", "16", "--model.embedding_dim", "16",
+    cli = run_fit(
+        tmp_path / "run", corpus_dir,
+        "--model.embedding_dim", "16",
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
-        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
         "--sample.max_new_tokens", "5",
-    ])  # fmt: skip
+        config=CONFIG_DIR / "wikitext2_bilm.yaml", cache=tmp_path / "cache",
+    )  # fmt: skip
     assert cli.datamodule.hparams.bidirectional  # linked from model.bidirectional
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     result = evaluate.main(["--checkpoint", ckpt, "--split", "validation", "--batch_size", "2"])

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_text
+from conftest import make_text, tiny_data
 
 from rnnlm.data import LMDataModule
 from rnnlm.sources import DataError, carve_by_characters, load_corpus
@@ -152,8 +152,7 @@ def test_sample_by_line_gives_one_document_per_line(corpus_dir):
 
 
 def _char_module(source, tmp_path, **kwargs) -> LMDataModule:
-    kwargs = {"batch_size": 4, "bptt": 8, "cache_dir": str(tmp_path / "cache"), **kwargs}
-    dm = LMDataModule(source=str(source), tokenizer=kwargs.pop("tokenizer", "char"), **kwargs)
+    dm = tiny_data(source, tmp_path, **{"bptt": 8, **kwargs})
     dm.prepare_data()
     dm.setup("fit")
     return dm

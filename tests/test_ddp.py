@@ -16,34 +16,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sigterm_once_training
+from conftest import FIT, fit_args, make_text, sigterm_once_training
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 STEPS = 6
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def _args(corpus: Path, out: Path, batch_size: int) -> list[str]:
-    return [
-        "--config", str(CONFIG),
-        "--data.source", str(corpus),
-        "--data.cache_dir", str(out / "cache"),
+    return fit_args(
+        out, corpus,
         "--data.batch_size", str(batch_size),
-        "--data.eval_batch_size", str(batch_size),
-        "--data.bptt", "8",
-        "--model.embedding_dim", "8",
-        "--model.hidden_size", "16",
         "--trainer.accelerator", "cpu",
         "--trainer.max_steps", str(STEPS),
         "--trainer.val_check_interval", str(STEPS),
         "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(out),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", str(out),
         "--checkpoint.dirpath", str(out / "ckpt"),
         "--test_after_fit", "false",
-        "--sample.max_new_tokens", "0",
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -74,13 +66,11 @@ def single(tmp_path_factory) -> tuple[Path, dict, float]:
     root = tmp_path_factory.mktemp("single")
     corpus = root / "corpus"
     corpus.mkdir()
-    from conftest import make_text
-
     (corpus / "train.txt").write_text(make_text(600, seed=1))
     (corpus / "valid.txt").write_text(make_text(80, seed=2))
     (corpus / "test.txt").write_text(make_text(80, seed=3))
     out = root / "run"
-    _run([sys.executable, "-m", "rnnlm.fit", *_args(corpus, out, 4), "--trainer.devices", "1"], root)
+    _run([*FIT, *_args(corpus, out, 4), "--trainer.devices", "1"], root)
     return (corpus, *_result(out))
 
 
@@ -97,7 +87,7 @@ def test_two_processes_train_like_one_with_twice_the_streams(single, tmp_path):
     corpus, ref_weights, ref_val = single
     out = tmp_path / "ddp"
     log = _run(
-        [sys.executable, "-m", "rnnlm.fit", *_args(corpus, out, 2), "--trainer.devices", "2",
+        [*FIT, *_args(corpus, out, 2), "--trainer.devices", "2",
          "--trainer.strategy", "ddp"],
         tmp_path,
     )  # fmt: skip
@@ -139,7 +129,7 @@ def test_two_processes_stopped_by_sigterm_resume_exactly(single, tmp_path):
     corpus = single[0]
     longer = ["--trainer.max_steps", "60", "--trainer.val_check_interval", "20", "--resumable.every_n_train_steps",
               "2", "--trainer.devices", "2", "--trainer.strategy", "ddp"]  # fmt: skip
-    fit = [sys.executable, "-m", "rnnlm.fit"]
+    fit = FIT
     ref = tmp_path / "ref"
     _run([*fit, *_args(corpus, ref, 2), *longer], tmp_path)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_text
+from conftest import fit_args, make_text, tiny_data, tiny_trainer
 
 from rnnlm import evaluate, fit
 from rnnlm.checkpointing import CheckpointError, SafeCheckpointIO, load_safely, save_atomically
@@ -22,30 +21,21 @@ from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel, NonFiniteLossError
 from rnnlm.sources import DataError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
 
 def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(CONFIG),
-        "--data.source", str(source),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.batch_size", "2",
-        "--data.bptt", "8",
+    return fit_args(
+        tmp_path / "run", source,
         "--model.hidden_size", "8",
-        "--model.embedding_dim", "8",
         "--trainer.max_steps", "4",
         "--trainer.limit_val_batches", "1",
         "--trainer.val_check_interval", "2",
         "--trainer.num_sanity_val_steps", "0",
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false",
         "--checkpoint.dirpath", str(tmp_path / "ckpt"),
         "--test_after_fit", "false",
-        "--sample.max_new_tokens", "0",
         *extra,
-    ]  # fmt: skip
+        cache=tmp_path / "cache",
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -170,12 +160,11 @@ class Weights(L.Callback):
 
 
 def _poisoned_run(corpus: Path, root: Path, policy: str, weights: Weights) -> tuple[PoisonAt, L.Trainer]:
-    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=2, bptt=8, cache_dir=str(root / "cache"))
+    data = tiny_data(corpus, root, batch_size=2, bptt=8)
     torch.manual_seed(0)
     model = PoisonAt(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8, on_nonfinite=policy)
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                        callbacks=[weights, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"))])
+    trainer = tiny_trainer(root, max_steps=8, limit_val_batches=0, enable_checkpointing=True,
+                           callbacks=[weights, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"))])
     trainer.fit(model, datamodule=data)
     return model, trainer
 
@@ -210,15 +199,15 @@ def test_nonfinite_loss_can_be_skipped(corpus_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- token cache
-def _prepared(corpus: Path, cache: Path) -> tuple[LMDataModule, Path]:
-    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=2, bptt=8, cache_dir=str(cache))
+def _prepared(corpus: Path, root: Path) -> tuple[LMDataModule, Path]:
+    data = tiny_data(corpus, root, batch_size=2, bptt=8)
     data.prepare_data()
     return data, data._cache_path("train")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "foreign_ids", "meta_garbage", "meta_other_key"])
 def test_a_damaged_token_cache_is_reported_not_used(corpus_dir, tmp_path, damage):
-    data, folder = _prepared(corpus_dir, tmp_path / "cache")
+    data, folder = _prepared(corpus_dir, tmp_path)
     ids, meta = folder / "ids.bin", folder / "meta.json"
     if damage == "truncate":
         ids.write_bytes(ids.read_bytes()[:-10])
@@ -235,22 +224,35 @@ def test_a_damaged_token_cache_is_reported_not_used(corpus_dir, tmp_path, damage
         meta.write_text(meta.read_text().replace(folder.name, "train-0000-0000"))
         expected = "another dataset or tokenizer"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    fresh = LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=2, bptt=8,
-                         cache_dir=str(tmp_path / "cache"))
+    fresh = tiny_data(corpus_dir, tmp_path, batch_size=2, bptt=8)
     with pytest.raises(DataError, match=expected) as err:
         fresh.setup("fit")
     assert "Delete the folder" in str(err.value) and str(folder) in str(err.value)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "nothing overwritten"
     shutil.rmtree(folder)  # the advice works: the next run rebuilds it
-    LMDataModule(source=str(corpus_dir), tokenizer="char", batch_size=2, bptt=8,
-                 cache_dir=str(tmp_path / "cache")).setup("fit")
+    tiny_data(corpus_dir, tmp_path, batch_size=2, bptt=8).setup("fit")
 
 
-def test_pickle_module_is_not_needed_to_read_a_checkpoint(trained):
-    """weights_only reads it: every object in an rnnlm checkpoint is a tensor or a plain Python value."""
-    ckpt = load_safely(trained)
-    assert isinstance(ckpt["rnnlm"]["tokenizer"], str)
-    assert pickle.loads(pickle.dumps(ckpt["hyper_parameters"])) == ckpt["hyper_parameters"]
+PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _non_plain(value, where: str = "checkpoint") -> list[str]:
+    """Where ``value`` holds anything but tensors, plain Python values and their containers."""
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in _non_plain(key, f"{where} key") + _non_plain(
+            item, f"{where}[{key!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, item in enumerate(value) for bad in _non_plain(item, f"{where}[{i}]")]
+    return [] if isinstance(value, PLAIN) else [f"{where}: {type(value).__qualname__}"]
+
+
+def test_a_trained_checkpoint_holds_only_tensors_and_plain_values(trained):
+    """A checkpoint written by a real training run loads with ``weights_only=True`` (no pickled classes), and every
+    object in it is a tensor, a plain Python value or a container of these."""
+    ckpt = torch.load(trained, weights_only=True)
+    assert ckpt["state_dict"] and isinstance(ckpt["rnnlm"]["tokenizer"], str)
+    assert "resume" in ckpt["rnnlm"] and "loops" in ckpt and "callbacks" in ckpt  # the resumable parts are walked too
+    assert _non_plain(ckpt) == []
 
 
 PREPARE = """
@@ -263,6 +265,7 @@ print("IDS", {s: hashlib.sha256(bytes(data.ids[s])).hexdigest() for s in sorted(
 """
 
 
+@pytest.mark.slow  # three fresh processes
 def test_processes_preparing_the_same_cache_at_once_share_one_result(corpus_dir, tmp_path):
     """Several jobs (or all ranks of one) starting together on an empty cache: one trains the tokenizer and encodes
     each split, the others wait and read it; every process sees the same complete files."""

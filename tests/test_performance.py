@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_text
-from test_training import tiny_data, tiny_model, tiny_trainer
+from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import evaluate
 from rnnlm.data import LMDataModule

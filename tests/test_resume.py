@@ -10,21 +10,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import sigterm_once_training
+from conftest import FIT, fit_args, sigterm_once_training, tiny_data, tiny_trainer
 
 from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
-from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.streams import ChunkLoader
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class PlateauModel(LanguageModel):
@@ -69,15 +65,14 @@ AWD = {"hidden_sizes": [16, 8], "weight_drop": 0.3, "locked_dropout": True, "dro
 def _fit(corpus: Path, root: Path, callbacks: list, ckpt_path: str | None = None, cell: str = "lstm",
          bidirectional: bool = False, awd: bool = False) -> tuple[PlateauModel, L.Trainer]:
     L.seed_everything(7)
-    data = LMDataModule(source=str(corpus), tokenizer="char", batch_size=3, bptt=8, cache_dir=str(root / "cache"),
-                        bidirectional=bidirectional, variable_bptt=awd)
+    data = tiny_data(corpus, root, batch_size=3, bptt=8, bidirectional=bidirectional, variable_bptt=awd)
     model = PlateauModel(vocab_size=data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
                          dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional,
                          **(AWD if awd else {}))
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=2, limit_train_batches=20, val_check_interval=10, limit_val_batches=4,
-        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(root), plugins=[SafeCheckpointIO()], reload_dataloaders_every_n_epochs=int(awd),
+    trainer = tiny_trainer(
+        root, max_epochs=2, limit_train_batches=20, val_check_interval=10, limit_val_batches=4,
+        num_sanity_val_steps=0, enable_checkpointing=True, plugins=[SafeCheckpointIO()],
+        reload_dataloaders_every_n_epochs=int(awd),
         callbacks=[*callbacks, ResumableCheckpoints(every_n_minutes=None),
                    L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), monitor="val/loss", save_last=True)],
     )  # fmt: skip
@@ -152,10 +147,8 @@ def test_chunk_loader_resumes_at_its_position():
 
 
 def _cli_args(corpus: Path, out: Path, epochs: int) -> list[str]:
-    return [
-        "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--data.source", str(corpus),
-        "--data.cache_dir", str(out.parent / "cache"),
+    return fit_args(
+        out, corpus,
         "--data.batch_size", "4",
         "--data.bptt", "32",
         "--model.hidden_size", "128",
@@ -164,23 +157,22 @@ def _cli_args(corpus: Path, out: Path, epochs: int) -> list[str]:
         "--trainer.max_epochs", str(epochs),
         "--trainer.limit_val_batches", "3",
         "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(out),
         "--trainer.logger", "false",
         "--checkpoint.dirpath", str(out / "ckpt"),
         "--resumable.every_n_train_steps", "2",
         "--test_after_fit", "false",
-        "--sample.max_new_tokens", "0",
-    ]  # fmt: skip
+        cache=out.parent / "cache",
+    )  # fmt: skip
 
 
 def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_path):
     """A scheduler-style SIGTERM at an arbitrary moment of a real `python -m rnnlm.fit` process."""
-    fit = [sys.executable, "-m", "rnnlm.fit"]
+    fit = FIT
     ref = tmp_path / "ref"
     done = subprocess.run([*fit, *_cli_args(corpus_dir, ref, 2)], env=_env(), capture_output=True, text=True,
                           timeout=600)

@@ -9,37 +9,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import evaluate, generate
-from rnnlm.data import LMDataModule
 from rnnlm.fit import main as fit_main
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
-
-
-def tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-def tiny_data(source: Path, tmp_path: Path, **kwargs) -> LMDataModule:
-    settings = dict(source=str(source), tokenizer="char", batch_size=4, bptt=9, cache_dir=str(tmp_path / "cache"))
-    return LMDataModule(**{**settings, **kwargs})
-
-
-def tiny_model(vocab_size: int, **kwargs) -> LanguageModel:
-    settings = dict(cell="lstm", num_layers=2, embedding_dim=8, hidden_size=16)
-    return LanguageModel(vocab_size, **{**settings, **kwargs})
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_validation_loss_equals_one_long_pass(corpus_dir, tmp_path):
@@ -122,25 +99,17 @@ def test_state_resets_each_epoch_and_validation_leaves_training_state_alone(corp
 
 
 def _fit(config: Path, source: Path, tmp_path: Path, *extra: str):
-    args = [
-        "--config", str(config),
-        "--data.source", str(source),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.batch_size", "2",
-        "--data.eval_batch_size", "2",
-        "--data.bptt", "8",
-        "--model.hidden_size", "16",
+    return run_fit(
+        tmp_path / "run", source,
         "--model.embedding_dim", "16",
         "--trainer.max_steps", "3",
         "--trainer.limit_val_batches", "2",
         "--trainer.limit_test_batches", "2",
         "--trainer.val_check_interval", "3",
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
         "--sample.max_new_tokens", "20",
         *extra,
-    ]  # fmt: skip
-    return fit_main(args)
+        config=config, cache=tmp_path / "cache",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -172,15 +141,11 @@ def test_every_config_runs_end_to_end(config, corpus_dir, tmp_path, capsys):
 
 def test_quickstart_on_the_builtin_corpus(tmp_path, capsys):
     config = next(c for c in CONFIGS if c.stem == "quickstart")
-    cli = fit_main([
-        "--config", str(config),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--trainer.max_steps", "2",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.limit_test_batches", "1",
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
-    ])  # fmt: skip
+    cli = run_fit(
+        tmp_path / "run", None,
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        config=config, cache=tmp_path / "cache", tiny=False,
+    )  # fmt: skip
     assert cli.datamodule.stats["train"]["tokens"] > 300_000  # the real Python docs, not a toy
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
     assert "--- sample after 2 steps ---" in capsys.readouterr().out
