@@ -106,17 +106,22 @@ def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
 
 
 def tiny_model(vocab_size: int, **overrides) -> LanguageModel:
-    """A 2-layer LSTM with 8-dimensional embeddings and 16 hidden units."""
+    """A 2-layer LSTM with 8-dimensional embeddings and 16 hidden units; ``overrides`` are model settings
+    (``RNNLMConfig``) or the LightningModule's own arguments."""
+    from rnnlm.config import RNNLMConfig
     from rnnlm.lm import LanguageModel
 
-    settings = dict(cell="lstm", num_layers=2, embedding_dim=8, hidden_size=16)
-    return LanguageModel(vocab_size, **{**settings, **overrides})
+    module_args = {"activation_regularization", "temporal_activation_regularization", "on_nonfinite"}
+    settings = {"cell": "lstm", "num_layers": 2, "embedding_dim": 8, "hidden_size": 16}
+    settings.update({k: v for k, v in overrides.items() if k not in module_args})
+    return LanguageModel(RNNLMConfig(vocab_size, **settings), **{k: v for k,
+                                     v in overrides.items() if k in module_args})
 
 
 # ----------------------------------------------------------------------------------------- the CLI
 TINY_ARGS = (
     "--data.batch_size", "2", "--data.bptt", "8",
-    "--model.embedding_dim", "8", "--model.hidden_size", "16",
+    "--model.config.embedding_dim", "8", "--model.config.hidden_size", "16",
     "--sample.max_new_tokens", "0",
 )  # fmt: skip
 

@@ -16,6 +16,7 @@ from conftest import tiny_data, tiny_trainer
 from rnnlm import evaluate
 from rnnlm.cache import NeuralCache
 from rnnlm.callbacks import NTASGD
+from rnnlm.config import RNNLMConfig
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
 from rnnlm.sources import DataError
@@ -26,8 +27,8 @@ from rnnlm.streams import ChunkLoader, draw_spans, rank_rows
 def test_layer_stack_without_regularisation_equals_the_fused_stack():
     """Run layer by layer (as weight drop needs) with the fused module's weights: the same function."""
     torch.manual_seed(0)
-    fused = RNNLM(30, num_layers=3, embedding_dim=8, hidden_size=12).eval()
-    stacked = RNNLM(30, num_layers=3, embedding_dim=8, hidden_size=12, weight_drop=0.5).eval()
+    fused = RNNLM(RNNLMConfig(30, num_layers=3, embedding_dim=8, hidden_size=12)).eval()
+    stacked = RNNLM(RNNLMConfig(30, num_layers=3, embedding_dim=8, hidden_size=12, weight_drop=0.5)).eval()
     assert isinstance(stacked.rnn, LayerStack) and not isinstance(fused.rnn, LayerStack)
     weights = {}
     for name, value in fused.state_dict().items():
@@ -37,20 +38,21 @@ def test_layer_stack_without_regularisation_equals_the_fused_stack():
         weights[name] = value
     stacked.load_state_dict(weights)
     idx = torch.randint(0, 30, (3, 17))
-    torch.testing.assert_close(stacked(idx)[0], fused(idx)[0])
+    torch.testing.assert_close(stacked(idx).logits, fused(idx).logits)
 
 
 def test_weight_drop_is_dropconnect_on_the_recurrent_weights():
     """In training, each layer runs with W_hh masked by one DropConnect mask for the whole chunk (drawn in layer
     order from torch's RNG); gradients reach W_hh only through the kept entries."""
     torch.manual_seed(1)
-    model = RNNLM(20, num_layers=2, embedding_dim=6, hidden_size=8, weight_drop=0.5)
+    model = RNNLM(RNNLMConfig(20, num_layers=2, embedding_dim=6, hidden_size=8, weight_drop=0.5))
     idx = torch.randint(0, 20, (2, 11))
     torch.manual_seed(5)
-    out, state = model(idx)
+    result = model(idx)
+    out, state = result.logits, result.state
     out.sum().backward()
 
-    reference = RNNLM(20, num_layers=2, embedding_dim=6, hidden_size=8).eval()
+    reference = RNNLM(RNNLMConfig(20, num_layers=2, embedding_dim=6, hidden_size=8)).eval()
     torch.manual_seed(5)
     masks = [F.dropout(torch.ones_like(layer.weight_hh_l0), 0.5) for layer in model.rnn.layers]
     with torch.no_grad():
@@ -60,7 +62,7 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_weights():
             for name in ("weight_ih", "bias_ih", "bias_hh"):
                 getattr(reference.rnn, f"{name}_l{i}").copy_(getattr(layer, f"{name}_l0"))
             reference.rnn.get_parameter(f"weight_hh_l{i}").copy_(layer.weight_hh_l0 * mask)
-    expected, _ = reference(idx)
+    expected = reference(idx).logits
     torch.testing.assert_close(out, expected)
     for layer, mask in zip(model.rnn.layers, masks):
         assert 0.3 < (mask == 0).float().mean() < 0.7
@@ -68,7 +70,7 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_weights():
         assert layer.weight_hh_l0.grad[mask > 0].abs().sum() > 0
     assert len(state) == 2 and state[0][0].shape == (1, 2, 8)  # one (h, c) per layer
     model.eval()
-    torch.testing.assert_close(model(idx)[0], model(idx)[0])  # no dropping at evaluation
+    torch.testing.assert_close(model(idx).logits, model(idx).logits)  # no dropping at evaluation
 
 
 def test_locked_dropout_uses_one_mask_for_all_time_steps():
@@ -82,10 +84,10 @@ def test_locked_dropout_uses_one_mask_for_all_time_steps():
 
 def test_word_dropout_drops_whole_words():
     torch.manual_seed(2)
-    model = RNNLM(6, embedding_dim=5, hidden_size=5, dropout_words=0.5).train()
+    model = RNNLM(RNNLMConfig(6, embedding_dim=5, hidden_size=5, dropout_words=0.5)).train()
     idx = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5] * 4])
-    dropped = model._drop_words(model.embed(idx), idx)
-    ratio = dropped / model.embed(idx)
+    dropped = model._drop_words(model._embed(idx, "forward"), idx)
+    ratio = dropped / model._embed(idx, "forward")
     scale = ratio[0, :, 0]
     assert torch.allclose(ratio, scale[None, :, None].expand_as(ratio))  # the whole vector is kept or dropped
     for word in range(6):
@@ -95,28 +97,30 @@ def test_word_dropout_drops_whole_words():
 
 def test_per_layer_sizes_tie_without_projection_and_carry_state():
     torch.manual_seed(3)
-    model = RNNLM(40, num_layers=3, embedding_dim=8, hidden_sizes=[16, 12, 8], tie_weights=True, cell="gru").eval()
+    model = RNNLM(RNNLMConfig(40, num_layers=3, embedding_dim=8, hidden_sizes=[16, 12, 8], tie_weights=True,
+                              cell="gru")).eval()
     assert model.projection is None and model.decoder.weight is model.embedding.weight
     assert [layer.hidden_size for layer in model.rnn.layers] == [16, 12, 8]
     idx = torch.randint(0, 40, (3, 23))
-    full, _ = model(idx)
+    full = model(idx).logits
     outs, state = [], None
     for start in range(0, 23, 5):
-        logits, state = model(idx[:, start : start + 5], state)
-        state = detach_state(state)
-        outs.append(logits)
+        out = model(idx[:, start : start + 5], state=state)
+        state = detach_state(out.state)
+        outs.append(out.logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     assert [s.shape[-1] for s in state] == [16, 12, 8]
     with pytest.raises(ValueError, match="hidden_sizes has 2 entries but num_layers is 3"):
-        RNNLM(40, num_layers=3, hidden_sizes=[16, 8])
+        RNNLM(RNNLMConfig(40, num_layers=3, hidden_sizes=[16, 8]))
 
 
 def test_bidirectional_representations_with_per_layer_sizes():
-    model = RNNLM(30, num_layers=2, embedding_dim=6, hidden_sizes=[10, 6], bidirectional=True, weight_drop=0.3).eval()
+    model = RNNLM(RNNLMConfig(30, num_layers=2, embedding_dim=6, hidden_sizes=[10, 6], bidirectional=True,
+                              weight_drop=0.3)).eval()
     idx = torch.randint(0, 30, (2, 9))
     reps = model.representations(idx, all_layers=True)
     assert [r.shape for r in reps] == [(2, 9, 20), (2, 9, 12)]
-    top, _ = model.recurrent(idx)
+    top = model(idx).outputs
     torch.testing.assert_close(reps[-1][..., :6], top)
 
 
@@ -124,9 +128,9 @@ def test_training_with_ar_tar_equals_a_hand_written_loop(corpus_dir, tmp_path):
     """The Trainer's loss is cross-entropy + alpha * mean(h_dropped^2) + beta * mean((h_t - h_{t-1})^2)."""
     data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7)
     torch.manual_seed(4)
-    model = LanguageModel(data.vocab_size, embedding_dim=8, hidden_size=16, activation_regularization=2.0,
-                          temporal_activation_regularization=1.0)
-    reference = RNNLM(data.vocab_size, embedding_dim=8, hidden_size=16)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_size=16),
+                          activation_regularization=2.0, temporal_activation_regularization=1.0)
+    reference = RNNLM(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_size=16))
     reference.load_state_dict(model.model.state_dict())
     steps = 8
     tiny_trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(model, datamodule=data)
@@ -136,9 +140,8 @@ def test_training_with_ar_tar_equals_a_hand_written_loop(corpus_dir, tmp_path):
     for step, (x, y) in enumerate(data.loader("train")):
         if step == steps:
             break
-        top, state = reference.recurrent(x, state)
-        state = detach_state(state)
-        logits = reference.decode(top)
+        out = reference(x, state=state)
+        top, logits, state = out.outputs, out.logits, detach_state(out.state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss = loss + 2.0 * top.pow(2).mean() + 1.0 * (top[:, 1:] - top[:, :-1]).pow(2).mean()
         opt.zero_grad()
@@ -186,7 +189,12 @@ class _LengthProbe(L.Callback):
         self.batches_per_epoch = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.steps.append((trainer.current_epoch, self.length, optimizer.param_groups[0]["lr"]))
+        # Read the rate inside optimizer.step, where the update happens: a step hook registered after rnnlm's.
+        if not self.steps and not getattr(self, "hooked", False):
+            self.hooked = True
+            trainer.optimizers[0].register_step_pre_hook(
+                lambda opt, args, kwargs: self.steps.append(
+                    (trainer.current_epoch, self.length, opt.param_groups[0]["lr"])))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.length = batch[0].size(1)
@@ -197,7 +205,7 @@ class _LengthProbe(L.Callback):
 
 def test_variable_bptt_through_the_trainer_scales_the_learning_rate(corpus_dir, tmp_path):
     data = tiny_data(corpus_dir, tmp_path, batch_size=32, bptt=12, variable_bptt=True, variable_bptt_seed=5)
-    model = LanguageModel(data.vocab_size, embedding_dim=8, hidden_size=8)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_size=8))
     probe = _LengthProbe()
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[probe],
                            reload_dataloaders_every_n_epochs=1)
@@ -213,7 +221,8 @@ def test_variable_bptt_through_the_trainer_scales_the_learning_rate(corpus_dir, 
             assert lr == pytest.approx(2e-3 * n / 12)
     assert trainer.optimizers[0].param_groups[0]["lr"] == 2e-3  # restored after every step
     with pytest.raises(DataError, match="reload_dataloaders_every_n_epochs: 1"):
-        tiny_trainer(tmp_path, max_steps=1).fit(LanguageModel(data.vocab_size, embedding_dim=8, hidden_size=8),
+        tiny_trainer(tmp_path, max_steps=1).fit(LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8,
+                                                                          hidden_size=8)),
                                                 datamodule=data)
 
 
@@ -249,7 +258,7 @@ class _Snapshots(L.Callback):
 
 def _ntasgd_run(data, tmp_path, epochs, ckpt_path=None, snapshots=None):
     torch.manual_seed(6)
-    model = LanguageModel(data.vocab_size, embedding_dim=8, hidden_size=8)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_size=8))
     averager = _TriggerAtFirstCheck()
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     callbacks = [averager, checkpoint] + ([snapshots] if snapshots else [])
@@ -331,7 +340,8 @@ def test_cache_distribution_sums_to_one_and_agrees_with_the_mixture():
 def test_evaluate_with_cache_reports_both_perplexities(corpus_dir, tmp_path, capsys):
     data = tiny_data(corpus_dir, tmp_path)
     torch.manual_seed(8)
-    model = LanguageModel(data.vocab_size, embedding_dim=8, hidden_sizes=[16, 8], tie_weights=True, weight_drop=0.2)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_sizes=[16, 8], tie_weights=True,
+                                      weight_drop=0.2))
     trainer = tiny_trainer(tmp_path / "t", max_steps=30, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     ckpt = tmp_path / "model.ckpt"

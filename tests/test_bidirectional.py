@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_trainer
 
+from rnnlm.config import CELLS, RNNLMConfig
 from rnnlm.lm import LanguageModel
-from rnnlm.model import CELLS, RNNLM, detach_state
+from rnnlm.model import RNNLM, detach_state
 from rnnlm.streams import ChunkLoader, cut_streams
 
 
 def bilm(cell: str, num_layers: int, **kwargs) -> RNNLM:
     torch.manual_seed(0)
-    return RNNLM(17, cell=cell, num_layers=num_layers, embedding_dim=6, hidden_size=16, bidirectional=True,
-                 **kwargs).eval()
+    return RNNLM(RNNLMConfig(17, cell=cell, num_layers=num_layers, embedding_dim=6, hidden_size=16,
+                             bidirectional=True, **kwargs)).eval()
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -27,9 +28,9 @@ def test_no_look_ahead_at_any_layer(cell, num_layers):
     idx = torch.randint(0, 17, (2, 9))
     T = idx.size(1)
     for direction in ("forward", "backward"):
-        x = model.embed(idx, direction).detach().requires_grad_(True)  # original (left-to-right) order
+        x = model._embed(idx, direction).detach().requires_grad_(True)  # original (left-to-right) order
         read = x if direction == "forward" else x.flip(1)
-        layers = model.layer_outputs(read, direction)
+        layers = model._layer_outputs(read, direction)
         assert len(layers) == num_layers
         for layer, out in enumerate(layers):
             if direction == "backward":
@@ -49,8 +50,8 @@ def test_layer_outputs_match_the_fused_stack(cell):
     model = bilm(cell, 3)
     idx = torch.randint(0, 17, (2, 8))
     for direction in ("forward", "backward"):
-        h, _ = model._parts(direction)[1](model.embed(idx, direction))
-        torch.testing.assert_close(model.layer_outputs(model.embed(idx, direction), direction)[-1], h)
+        h, _ = model._parts(direction)[1](model._embed(idx, direction))
+        torch.testing.assert_close(model._layer_outputs(model._embed(idx, direction), direction)[-1], h)
 
 
 def test_representations_concatenate_left_and_right_context():
@@ -76,12 +77,12 @@ def test_carried_state_equals_one_long_pass_in_both_directions(cell, num_layers)
     model = bilm(cell, num_layers, share_directions=False)
     idx = torch.randint(0, 17, (3, 40))
     for direction, stream in (("forward", idx), ("backward", idx.flip(1))):
-        full, _ = model(stream, direction=direction)
+        full = model(stream, direction=direction).logits
         outs, state = [], None
         for start in range(0, stream.size(1), 6):
-            logits, state = model(stream[:, start : start + 6], state, direction)
-            state = detach_state(state)
-            outs.append(logits)
+            out = model(stream[:, start : start + 6], state=state, direction=direction)
+            state = detach_state(out.state)
+            outs.append(out.logits)
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -113,7 +114,8 @@ def test_each_direction_sees_every_token_once(length, streams, bptt):
 def test_trainer_reports_both_directions_and_their_mean(corpus_dir, tmp_path):
     data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7, bidirectional=True)
     torch.manual_seed(1)
-    model = LanguageModel(data.vocab_size, num_layers=2, embedding_dim=8, hidden_size=12, bidirectional=True)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, num_layers=2, embedding_dim=8, hidden_size=12,
+                                      bidirectional=True))
     trainer = tiny_trainer(tmp_path, max_steps=4, limit_val_batches=1.0)
     trainer.fit(model, datamodule=data)
     metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
@@ -122,7 +124,7 @@ def test_trainer_reports_both_directions_and_their_mean(corpus_dir, tmp_path):
     expected = {}
     with torch.no_grad():
         for direction, stream in (("forward", rows), ("backward", rows.flip(1))):
-            logits, _ = model.model.eval()(stream[:, :-1], direction=direction)
+            logits = model.model.eval()(stream[:, :-1], direction=direction).logits
             expected[direction] = F.cross_entropy(logits.reshape(-1, logits.size(-1)), stream[:, 1:].reshape(-1))
     for direction in ("forward", "backward"):
         assert metrics[f"val/{direction}/loss"] == pytest.approx(expected[direction].item(), rel=1e-5)
@@ -132,7 +134,8 @@ def test_trainer_reports_both_directions_and_their_mean(corpus_dir, tmp_path):
 
 def test_a_bidirectional_model_refuses_unidirectional_data(corpus_dir, tmp_path):
     data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7)
-    model = LanguageModel(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8, bidirectional=True)
+    model = LanguageModel(RNNLMConfig(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8,
+                                      bidirectional=True))
     trainer = tiny_trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="bidirectional"):
         trainer.fit(model, datamodule=data)
@@ -143,7 +146,7 @@ def test_bilm_config_runs_through_the_cli(corpus_dir, tmp_path, capsys):
 
     cli = run_fit(
         tmp_path / "run", corpus_dir,
-        "--model.embedding_dim", "16",
+        "--model.config.embedding_dim", "16",
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
         "--sample.max_new_tokens", "5",
         config=CONFIG_DIR / "wikitext2_bilm.yaml", cache=tmp_path / "cache",

@@ -22,6 +22,7 @@ from conftest import fit_args, make_text
 
 import rnnlm.data
 from rnnlm import fit
+from rnnlm.config import RNNLMConfig
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.model import CELLS, RNNLM
@@ -41,7 +42,7 @@ def small_file(tmp_path: Path) -> Path:
 
 
 def cli_args(tmp_path: Path, source: str | Path, *extra: str) -> list[str]:
-    return fit_args(tmp_path / "runs", source, "--model.hidden_size", "8", "--trainer.max_steps", "2",
+    return fit_args(tmp_path / "runs", source, "--model.config.hidden_size", "8", "--trainer.max_steps", "2",
                     "--trainer.logger", "false", *extra, cache=tmp_path / "cache")
 
 
@@ -306,18 +307,18 @@ def _check_cell_message(msg: str) -> None:
 def test_unknown_cell_model():
     assert set(CELLS) == {"rnn_tanh", "rnn_relu", "lstm", "gru"}
     with pytest.raises(ValueError) as info:
-        RNNLM(vocab_size=10, cell="lstmm")
+        RNNLM(RNNLMConfig(vocab_size=10, cell="lstmm"))
     _check_cell_message(str(info.value))
 
 
 def test_unknown_cell_lightning_module():
     with pytest.raises(ValueError) as info:
-        LanguageModel(vocab_size=10, cell="lstmm")
+        LanguageModel(RNNLMConfig(vocab_size=10, cell="lstmm"))
     _check_cell_message(str(info.value))
 
 
 def test_unknown_cell_cli(tmp_path, small_file):
-    _check_cell_message(cli_error(ValueError, tmp_path, small_file, "--model.cell", "lstmm"))
+    _check_cell_message(cli_error(ValueError, tmp_path, small_file, "--model.config.cell", "lstmm"))
 
 
 # ------------------------------------------------------------------------------- unknown tokenizer
@@ -371,14 +372,14 @@ def test_unknown_tokenizer_without_close_match_cli(tmp_path, small_file):
 @pytest.mark.parametrize(("name", "value"), [("hidden_size", 0), ("num_layers", -1), ("embedding_dim", 0)])
 def test_model_size_not_positive(name, value):
     with pytest.raises(ValueError) as info:
-        RNNLM(vocab_size=10, **{name: value})
+        RNNLM(RNNLMConfig(vocab_size=10, **{name: value}))
     msg = str(info.value)
     assert name in msg and "positive integer" in msg and repr(value) in msg
 
 
 def test_model_vocab_size_not_positive():
     with pytest.raises(ValueError, match=r"vocab_size must be a positive integer, got 0"):
-        RNNLM(vocab_size=0)
+        RNNLM(RNNLMConfig(vocab_size=0))
 
 
 @pytest.mark.parametrize(
@@ -395,7 +396,7 @@ def test_data_size_not_positive(tmp_path, small_file, name, value):
 @pytest.mark.parametrize("value", [1.0, 1.5, -0.1])
 def test_dropout_out_of_range(name, value):
     with pytest.raises(ValueError) as info:
-        RNNLM(vocab_size=10, **{name: value})
+        RNNLM(RNNLMConfig(vocab_size=10, **{name: value}))
     msg = str(info.value)
     assert name in msg and "[0, 1)" in msg and repr(value) in msg
 
@@ -403,12 +404,12 @@ def test_dropout_out_of_range(name, value):
 @pytest.mark.parametrize(
     ("option", "value", "exc_type", "expected"),
     [
-        ("--model.hidden_size", "0", ValueError, "hidden_size must be a positive integer, got 0"),
-        ("--model.num_layers", "-1", ValueError, "num_layers must be a positive integer, got -1"),
+        ("--model.config.hidden_size", "0", ValueError, "hidden_size must be a positive integer, got 0"),
+        ("--model.config.num_layers", "-1", ValueError, "num_layers must be a positive integer, got -1"),
         ("--data.batch_size", "0", DataError, "data.batch_size must be a positive integer, got 0"),
         ("--data.bptt", "0", DataError, "data.bptt must be a positive integer, got 0"),
-        ("--model.dropout_output", "1.5", ValueError, "dropout_output must be in [0, 1), got 1.5"),
-        ("--model.dropout_between", "-0.1", ValueError, "dropout_between must be in [0, 1), got -0.1"),
+        ("--model.config.dropout_output", "1.5", ValueError, "dropout_output must be in [0, 1), got 1.5"),
+        ("--model.config.dropout_between", "-0.1", ValueError, "dropout_between must be in [0, 1), got -0.1"),
     ],
 )
 def test_bad_size_or_dropout_cli(tmp_path, small_file, option, value, exc_type, expected):
@@ -440,7 +441,7 @@ def test_tie_weights_with_one_hot(cls):
 
 def test_tie_weights_with_one_hot_cli(tmp_path, small_file):
     msg = cli_error(
-        ValueError, tmp_path, small_file, "--model.tie_weights", "true", "--model.input_mode", "one_hot"
+        ValueError, tmp_path, small_file, "--model.config.tie_weights", "true", "--model.config.input_mode", "one_hot"
     )
     _check_tie_message(msg)
 

@@ -25,7 +25,7 @@ from rnnlm.sources import DataError
 def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
     return fit_args(
         tmp_path / "run", source,
-        "--model.hidden_size", "8",
+        "--model.config.hidden_size", "8",
         "--trainer.max_steps", "4",
         "--trainer.limit_val_batches", "1",
         "--trainer.val_check_interval", "2",
@@ -118,9 +118,9 @@ def test_resuming_with_another_tokenizer_or_model_is_refused(trained, corpus_dir
     err = _resume_fails(tmp_path, other, trained, capsys)
     assert "different tokenizer" in err and "data settings it was trained with" in err
 
-    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.hidden_size", "12")
+    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.config.hidden_size", "12")
     assert "hidden_size: checkpoint 8, this run 12" in err
-    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.cell", "gru")
+    err = _resume_fails(tmp_path, corpus_dir, trained, capsys, "--model.config.cell", "gru")
     assert "cell: checkpoint 'lstm', this run 'gru'" in err
 
 

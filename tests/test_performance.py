@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
+import rnnlm
 from rnnlm import evaluate
+from rnnlm.config import RNNLMConfig
 from rnnlm.data import LMDataModule
 from rnnlm.encoding import EncodeStats, encode_to_file
-from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM
 from rnnlm.sources import DataError
 from rnnlm.tokenization import Encoder, train_tokenizer
@@ -27,16 +28,18 @@ def _adaptive(**kwargs) -> RNNLM:
     torch.manual_seed(0)
     settings = dict(cell="lstm", num_layers=2, embedding_dim=8, hidden_size=12, output="adaptive",
                     adaptive_cutoffs=[5, 20], adaptive_div_value=2.0)
-    return RNNLM(60, **{**settings, **kwargs}).eval()
+    return RNNLM(RNNLMConfig(60, **{**settings, **kwargs})).eval()
 
 
 def test_adaptive_softmax_is_a_distribution_and_its_loss_is_the_mean_nll():
     model = _adaptive()
     idx, targets = torch.randint(0, 60, (3, 7)), torch.randint(0, 60, (3, 7))
-    log_probs, state = model(idx)
+    out = model(idx)
+    log_probs, state = out.logits, out.state
     assert log_probs.shape == (3, 7, 60)
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3, 7))
-    loss, state2 = model.loss(idx, targets)
+    scored = model(idx, targets)
+    loss, state2 = scored.loss, scored.state
     expected = -log_probs.gather(-1, targets[..., None]).mean()
     torch.testing.assert_close(loss, expected)
     # Treated as logits, the log-probabilities give the same cross-entropy (so callers need not care).
@@ -60,7 +63,7 @@ def test_adaptive_softmax_settings_are_checked():
         _adaptive(adaptive_div_value=4.0)
     with pytest.raises(ValueError, match="Unknown output"):
         _adaptive(output="sampled")
-    assert RNNLM(30_000, output="adaptive").decoder.cutoffs == [2000, 10000, 30_000]
+    assert RNNLM(RNNLMConfig(30_000, output="adaptive")).decoder.cutoffs == [2000, 10000, 30_000]
 
 
 def test_adaptive_softmax_trains_checkpoints_generates_and_evaluates(corpus_dir, tmp_path):
@@ -68,21 +71,21 @@ def test_adaptive_softmax_trains_checkpoints_generates_and_evaluates(corpus_dir,
     torch.manual_seed(0)
     model = tiny_model(data.vocab_size, output="adaptive", adaptive_cutoffs=[4, 12], adaptive_div_value=2.0)
     trainer = tiny_trainer(tmp_path, max_steps=30, limit_val_batches=0)
-    first = model.model.loss(*next(iter(data.loader("train"))))[0].item()
+    first = model.model(*next(iter(data.loader("train")))).loss.item()
     trainer.fit(model, datamodule=data)
-    assert model.model.loss(*next(iter(data.loader("train"))))[0].item() < first  # it learns
+    assert model.model(*next(iter(data.loader("train")))).loss.item() < first  # it learns
     ckpt = tmp_path / "adaptive.ckpt"
     trainer.save_checkpoint(ckpt)
-    loaded = LanguageModel.from_checkpoint(str(ckpt))
-    assert loaded.model.output == "adaptive" and loaded.model.decoder.cutoffs == [4, 12, data.vocab_size]
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+    loaded = rnnlm.load(ckpt)
+    assert loaded.config.output == "adaptive" and loaded.model.decoder.cutoffs == [4, 12, data.vocab_size]
+    for a, b in zip(model.model.state_dict().values(), loaded.model.state_dict().values()):
         torch.testing.assert_close(a, b)
     text = loaded.sample("the", max_new_tokens=5, seed=1)
     assert text == loaded.sample("the", max_new_tokens=5, seed=1) and text.strip()
     result = evaluate.evaluate(str(ckpt), "test", accelerator="cpu")
     rows = torch.from_numpy(data.loader("test").rows.astype("int64"))
     with torch.no_grad():
-        log_probs, _ = loaded.model(rows[:, :-1])
+        log_probs = loaded.model(rows[:, :-1]).logits
     exact = -log_probs.gather(-1, rows[:, 1:, None]).mean().item()
     assert result["loss"] == pytest.approx(exact, rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(exact), rel=1e-5)
@@ -162,7 +165,7 @@ def test_hand_written_loop_trains_the_same_model_as_rnnlm(corpus_dir, tmp_path):
     data.setup("fit")
     torch.manual_seed(0)
     model = tiny_model(data.vocab_size)
-    hand = bench.HandWrittenLM(data.vocab_size, "lstm", 2, 8, 16)
+    hand = bench.HandWrittenLM(model.config)
     hand.load_state_dict(model.model.state_dict())  # the same parameter names: embedding, rnn, decoder
     loop = bench.HandWrittenLoop(hand, data.ids["train"], 3, 7, torch.optim.SGD(hand.parameters(), lr=1.0), 0.5)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=1.0)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_model, tiny_trainer
 
+import rnnlm
 from rnnlm import evaluate, generate
+from rnnlm.config import RNNLMConfig
 from rnnlm.fit import main as fit_main
-from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -30,7 +31,7 @@ def test_validation_loss_equals_one_long_pass(corpus_dir, tmp_path):
     rows = torch.from_numpy(data.loader("validation").rows.astype("int64"))
     assert (rows.size(1) - 1) % 9 != 0  # so the short last chunk is exercised
     with torch.no_grad():
-        logits, _ = model.model.eval()(rows[:, :-1])
+        logits = model.model.eval()(rows[:, :-1]).logits
         expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
     assert metrics["val/loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["val/ppl"] == pytest.approx(expected.exp().item(), rel=1e-5)
@@ -44,7 +45,7 @@ def test_training_equals_a_hand_written_tbptt_loop(corpus_dir, tmp_path):
     data = tiny_data(corpus_dir, tmp_path, batch_size=3, bptt=7)
     torch.manual_seed(1)
     model = tiny_model(data.vocab_size)
-    reference = RNNLM(data.vocab_size, cell="lstm", num_layers=2, embedding_dim=8, hidden_size=16)
+    reference = RNNLM(RNNLMConfig(data.vocab_size, cell="lstm", num_layers=2, embedding_dim=8, hidden_size=16))
     reference.load_state_dict(model.model.state_dict())
 
     steps = 25
@@ -55,8 +56,8 @@ def test_training_equals_a_hand_written_tbptt_loop(corpus_dir, tmp_path):
     for step, (x, y) in enumerate(data.loader("train")):
         if step == steps:
             break
-        logits, state = reference(x, state)
-        state = tuple(s.detach() for s in state)
+        out = reference(x, state=state)
+        logits, state = out.logits, tuple(s.detach() for s in out.state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -74,7 +75,7 @@ class _Probe(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            self.first_states.append(pl_module._state.get("train"))
+            self.first_states.append(pl_module.carry.states.get("train"))
 
 
 def test_state_resets_each_epoch_and_validation_leaves_training_state_alone(corpus_dir, tmp_path):
@@ -101,7 +102,7 @@ def test_state_resets_each_epoch_and_validation_leaves_training_state_alone(corp
 def _fit(config: Path, source: Path, tmp_path: Path, *extra: str):
     return run_fit(
         tmp_path / "run", source,
-        "--model.embedding_dim", "16",
+        "--model.config.embedding_dim", "16",
         "--trainer.max_steps", "3",
         "--trainer.limit_val_batches", "2",
         "--trainer.limit_test_batches", "2",
@@ -116,7 +117,7 @@ def _fit(config: Path, source: Path, tmp_path: Path, *extra: str):
 def test_every_config_runs_end_to_end(config, corpus_dir, tmp_path, capsys):
     extra = ["--data.vocab_size", "300"] if "bpe" in config.stem else []
     if config.stem.startswith("awd_lstm"):
-        extra = ["--model.hidden_sizes", "[16, 16, 16]", "--data.text_field", "text"]
+        extra = ["--model.config.hidden_sizes", "[16, 16, 16]", "--data.text_field", "text"]
     cli = _fit(config, corpus_dir, tmp_path, *extra)
     assert cli.trainer.global_step == 3
     ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -174,9 +175,9 @@ def test_checkpoint_is_self_contained_and_safe_to_load(corpus_dir, tmp_path):
     trainer.save_checkpoint(ckpt)
     raw = torch.load(ckpt, weights_only=True)  # tensors and plain types only
     assert raw["rnnlm"]["tokenizer"] == data.tokenizer.to_str()
-    loaded = LanguageModel.from_checkpoint(str(ckpt))
-    assert loaded.encoder.vocab_size == data.vocab_size
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+    loaded = rnnlm.load(ckpt)
+    assert loaded.encoder.vocab_size == data.vocab_size and loaded.config == model.config
+    for a, b in zip(model.model.state_dict().values(), loaded.model.state_dict().values()):
         torch.testing.assert_close(a, b)
 
 
@@ -187,5 +188,5 @@ def test_cli_overrides_and_print_config(corpus_dir, tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "bptt: 17" in printed and "source: builtin:python-docs" in printed
-    cli = _fit(config, corpus_dir, tmp_path, "--data.tokenizer", "byte", "--model.cell", "gru")
-    assert cli.datamodule.vocab_size == 257 and cli.model.model.cell == "gru"
+    cli = _fit(config, corpus_dir, tmp_path, "--data.tokenizer", "byte", "--model.config.cell", "gru")
+    assert cli.datamodule.vocab_size == 257 and cli.model.config.cell == "gru"
