@@ -22,17 +22,12 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers, encode_to_file
+from rnnlm.files import atomic_open, write_atomically
 from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
 from rnnlm.streams import ChunkLoader, rank_rows
 from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, train_tokenizer
 
 CACHE_VERSION = 1
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 class LMDataModule(L.LightningDataModule):
@@ -192,7 +187,7 @@ class LMDataModule(L.LightningDataModule):
             texts = (t for batch in self.corpus.texts("train") for t in batch)
             with _tokenizers_parallelism():
                 tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
-            _atomic_write(path, tok.to_str(pretty=True))
+            write_atomically(path, tok.to_str(pretty=True))
         # Said by whichever process did the work, so a log shows that it happened once.
         print(
             f"rnnlm: trained {hp.tokenizer} tokenizer ({tok.get_vocab_size()} entries) in "
@@ -226,14 +221,12 @@ class LMDataModule(L.LightningDataModule):
     def _encode_split(self, split: str, folder: Path) -> None:
         enc = self.encoder
         n_docs = self.corpus.num_documents(split)
-        tmp = folder / f".ids.bin.tmp{os.getpid()}"
         workers = self._encode_workers(split)
         start = time.perf_counter()
-        with open(tmp, "wb") as f, tqdm(
+        with atomic_open(folder / "ids.bin") as f, tqdm(
             total=n_docs, desc=f"encoding {split}", unit="doc", leave=False, disable=(n_docs or 10**9) < 5000
         ) as bar:
             stats = encode_to_file(self.corpus.texts(split, batch_size=2000), enc, f, workers, bar.update)
-        os.replace(tmp, folder / "ids.bin")
         meta = {
             "version": CACHE_VERSION,
             "key": folder.name,
@@ -247,7 +240,7 @@ class LMDataModule(L.LightningDataModule):
             "workers": workers,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        _atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+        write_atomically(folder / "meta.json", json.dumps(meta, indent=1))
         print(
             f"rnnlm: encoded {split}: {stats.tokens:,} tokens from {stats.characters:,} characters in "
             f"{meta['seconds']:.1f}s ({enc.path}, {workers} process{'es' if workers > 1 else ''}) -> {folder}",

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnlm.files import write_atomically
+
 SPLITS = ("train", "validation", "test")
 SAMPLE_BY = ("document", "paragraph", "line")
 BUILTIN_PREFIX = "builtin:"
@@ -70,9 +72,7 @@ def python_docs(cache_dir: Path) -> Path:
     content = "".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics))
     if not path.exists() or path.read_text(encoding="utf-8") != content:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, content)
     return path
 
 
