@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers, encode_to_file
+from rnnlm.errors import check_positive_int
 from rnnlm.files import atomic_open, write_atomically
 from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
 from rnnlm.streams import ChunkLoader, rank_rows
@@ -437,8 +438,7 @@ def _tokenizers_parallelism():
 
 
 def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise DataError(f"data.{name} must be a positive integer, got {value!r}.")
+    check_positive_int(f"data.{name}", value, DataError)
 
 
 def _is_tokenizer_path(spec: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnlm.errors import UserError
 from rnnlm.files import write_atomically
 
 SPLITS = ("train", "validation", "test")
@@ -24,7 +25,7 @@ _TEXT_SUFFIXES = {".txt", ".text", ".tokens", ".raw", ""}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data source cannot be used as configured."""
 
 

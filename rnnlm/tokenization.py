@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from rnnlm.errors import UserError
+
 UNK = "<unk>"
 EOS = "<eos>"
 LEVELS = ("char", "byte", "word", "bpe", "unigram", "wordpiece")
@@ -26,7 +28,7 @@ LEVELS = ("char", "byte", "word", "bpe", "unigram", "wordpiece")
 _KNOWN_SEPARATORS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer setting or file that cannot be used."""
 
 

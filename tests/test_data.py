@@ -510,3 +510,14 @@ def test_bad_settings_are_refused():
         LMDataModule(bptt=-1)
     with pytest.raises(ValueError, match="did you mean 'char'"):
         LMDataModule(tokenizer="chars")
+
+
+def test_data_and_tokenizer_errors_are_user_errors():
+    from rnnlm.errors import UserError
+    from rnnlm.tokenization import TokenizerError
+
+    assert issubclass(DataError, UserError) and issubclass(TokenizerError, UserError)
+    with pytest.raises(DataError, match=r"^data\.bptt must be a positive integer, got True\.$"):
+        LMDataModule(bptt=True)
+    with pytest.raises(TokenizerError):
+        LMDataModule(tokenizer="chars")
