@@ -7,7 +7,6 @@ memory-maps those files and cuts them into streams for this rank.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
@@ -26,7 +25,14 @@ from rnnlm.errors import check_positive_int
 from rnnlm.files import atomic_open, write_atomically
 from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
 from rnnlm.streams import ChunkLoader, rank_rows
-from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, train_tokenizer
+from rnnlm.tokenization import (
+    LEVELS,
+    Encoder,
+    TokenizerError,
+    load_pretrained,
+    tokenizers_parallelism,
+    train_tokenizer,
+)
 
 CACHE_VERSION = 1
 
@@ -186,7 +192,7 @@ class LMDataModule(L.LightningDataModule):
                 return Tokenizer.from_file(str(path))
             start = time.perf_counter()
             texts = (t for batch in self.corpus.texts("train") for t in batch)
-            with _tokenizers_parallelism():
+            with tokenizers_parallelism(True):  # every core; no process has been forked yet
                 tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
             write_atomically(path, tok.to_str(pretty=True))
         # Said by whichever process did the work, so a log shows that it happened once.
@@ -417,24 +423,6 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> ChunkLoader | list:
         return self.loader("test") if "test" in self.corpus.splits else []
-
-
-@contextlib.contextmanager
-def _tokenizers_parallelism():
-    """Let the Rust side of ``tokenizers`` use every core while it trains a tokenizer.
-
-    The entry points set ``TOKENIZERS_PARALLELISM=false`` so that forked processes never inherit a busy thread
-    pool; training happens before any fork, and forked encoding workers switch parallelism off themselves.
-    """
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _check_positive(name: str, value) -> None:

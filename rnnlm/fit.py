@@ -33,6 +33,7 @@ from rnnlm.checkpointing import (
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel, NonFiniteLossError
+from rnnlm.tokenization import default_tokenizers_parallelism
 from rnnlm.tracking import choose_wandb_mode
 
 # The CLI's optimizer/lr_scheduler settings replace the module's fallback optimizer; that is the intent.
@@ -80,7 +81,7 @@ class RNNLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    default_tokenizers_parallelism()
     keep_freed_memory()
     flush_denormals()
     wandb_mode = choose_wandb_mode()
