@@ -521,3 +521,17 @@ def test_data_and_tokenizer_errors_are_user_errors():
         LMDataModule(bptt=True)
     with pytest.raises(TokenizerError):
         LMDataModule(tokenizer="chars")
+
+
+def test_token_cache_entry_of_another_format_version_is_refused(corpus_dir, tmp_path):
+    from rnnlm.token_cache import TOKEN_CACHE_FORMAT_VERSION, TokenCache
+
+    dm = _char_module(corpus_dir, tmp_path)
+    folder = dm._cache_path("train")
+    assert folder.parent == tmp_path / "cache" / "tokens"
+    ids, meta = TokenCache(tmp_path / "cache").load(folder, dm.vocab_size)
+    np.testing.assert_array_equal(ids, dm.ids["train"])
+    assert meta["version"] == TOKEN_CACHE_FORMAT_VERSION and meta["key"] == folder.name
+    (folder / "meta.json").write_text(json.dumps({**meta, "version": TOKEN_CACHE_FORMAT_VERSION + 1}))
+    with pytest.raises(DataError, match="another version of rnnlm"):
+        TokenCache(tmp_path / "cache").load(folder, dm.vocab_size)
