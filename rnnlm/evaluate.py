@@ -4,8 +4,8 @@ Prints loss (nats/token), perplexity, bits per token and bits per character read
 JSON object on the last line. The hidden state is carried across chunks, so the result barely depends on
 ``--bptt``; ``--batch_size`` sets how many streams the split is cut into.
 
-``--cache_window N`` adds the continuous cache of Grave et al. (2017) (see ``rnnlm/cache.py``) with
-``--cache_theta`` and ``--cache_lambda``, and reports perplexity with and without it from the same pass.
+``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/pointer.py``) with
+``--pointer_theta`` and ``--pointer_lambda``, and reports perplexity with and without it from the same pass.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from rnnlm.cache import NeuralCache
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, detach_state
+from rnnlm.pointer import ContinuousPointer
 from rnnlm.streams import ChunkLoader
 
 # AWD-LSTM's pointer settings for WikiText-2 (its README): theta 0.662, lambda 0.1279 (window 3785).
@@ -31,11 +31,13 @@ DEFAULT_LAMBDA = 0.1279
 
 
 @torch.no_grad()
-def cache_losses(model: RNNLM, loader: ChunkLoader, cache: NeuralCache, device: torch.device) -> tuple[float, float]:
-    """Mean loss (nats/token) of the forward model over ``loader`` without and with ``cache``, in one pass."""
+def pointer_losses(
+    model: RNNLM, loader: ChunkLoader, pointer: ContinuousPointer, device: torch.device
+) -> tuple[float, float]:
+    """Mean loss (nats/token) of the forward model over ``loader`` without and with ``pointer``, in one pass."""
     model.eval()
-    state, plain, cached, count = None, 0.0, 0.0, 0
-    cache.reset()
+    state, plain, mixed, count = None, 0.0, 0.0, 0
+    pointer.reset()
     for batch in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         top, state = model.recurrent(x, state)
@@ -43,9 +45,9 @@ def cache_losses(model: RNNLM, loader: ChunkLoader, cache: NeuralCache, device: 
         log_probs = F.log_softmax(model.decode(model.head_input(top)).float(), dim=-1)
         target_lp = log_probs.gather(-1, y[..., None]).squeeze(-1)
         plain -= target_lp.sum().item()
-        cached -= cache.log_probs(top, y, target_lp).sum().item()
+        mixed -= pointer.log_probs(top, y, target_lp).sum().item()
         count += y.numel()
-    return plain / count, cached / count
+    return plain / count, mixed / count
 
 
 def evaluate(
@@ -56,15 +58,15 @@ def evaluate(
     batch_size: int | None = None,
     bptt: int | None = None,
     accelerator: str = "auto",
-    cache_window: int | None = None,
-    cache_theta: float = DEFAULT_THETA,
-    cache_lambda: float = DEFAULT_LAMBDA,
+    pointer_window: int | None = None,
+    pointer_theta: float = DEFAULT_THETA,
+    pointer_lambda: float = DEFAULT_LAMBDA,
 ) -> dict:
     """Loss, perplexity and bits per character of ``checkpoint`` on ``split`` (of its own data or ``source``).
 
-    With ``cache_window`` the forward model is also evaluated with a continuous cache (``cache_*`` keys).
+    With ``pointer_window`` the forward model is also evaluated with a continuous pointer (``pointer_*`` keys).
     """
-    cache = NeuralCache(cache_window, cache_theta, cache_lambda) if cache_window is not None else None
+    pointer = ContinuousPointer(pointer_window, pointer_theta, pointer_lambda) if pointer_window is not None else None
     model = LanguageModel.from_checkpoint(checkpoint)
     data = LMDataModule.from_hparams(
         model.datamodule_hparams, source=source, config_name=config_name, eval_batch_size=batch_size, bptt=bptt
@@ -74,21 +76,21 @@ def evaluate(
         raise ValueError(f"No split {split!r} in {data.hparams.source!r}; it has {sorted(data.corpus.splits)}.")
     loader = data.loader(split)
     model.chars_per_token["test"] = data.chars_per_token(split)
-    cached: dict = {}
-    if cache is not None:
+    with_pointer: dict = {}
+    if pointer is not None:
         if model.model.bidirectional:
-            raise ValueError("The continuous cache is for (forward) language models; this one is bidirectional.")
+            raise ValueError("The continuous pointer is for (forward) language models; this one is bidirectional.")
         use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if use_cuda else "cpu")
-        loss, cache_loss = cache_losses(model.model.to(device), loader, cache, device)
+        loss, pointer_loss = pointer_losses(model.model.to(device), loader, pointer, device)
         metrics = {"test/bpc": loss / math.log(2) / data.chars_per_token(split)}
-        cached = {
-            "cache_loss": cache_loss,
-            "cache_ppl": math.exp(cache_loss),
-            "cache_bpc": cache_loss / math.log(2) / data.chars_per_token(split),
-            "cache_window": cache.window,
-            "cache_theta": cache.theta,
-            "cache_lambda": cache.lam,
+        with_pointer = {
+            "pointer_loss": pointer_loss,
+            "pointer_ppl": math.exp(pointer_loss),
+            "pointer_bpc": pointer_loss / math.log(2) / data.chars_per_token(split),
+            "pointer_window": pointer.window,
+            "pointer_theta": pointer.theta,
+            "pointer_lambda": pointer.lam,
         }
     else:
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False)
@@ -112,8 +114,19 @@ def evaluate(
         },
         "batch_size": loader.rows.shape[0],
         "bptt": loader.bptt,
-        **cached,
+        **with_pointer,
     }
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it stops with an error that names the new flag."""
+
+    def __init__(self, *args, new: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is now {self.new} (the continuous cache is called the continuous pointer).")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,17 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=None, help="number of streams (default: as in training)")
     p.add_argument("--bptt", type=int, default=None, help="chunk length (default: as in training)")
     p.add_argument("--accelerator", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache_window", type=int, default=None,
-                   help="add a continuous cache over the last N tokens of each stream (Grave et al. 2017)")
-    p.add_argument("--cache_theta", type=float, default=DEFAULT_THETA,
-                   help=f"the cache attention's inverse temperature (default {DEFAULT_THETA})")
-    p.add_argument("--cache_lambda", type=float, default=DEFAULT_LAMBDA,
-                   help=f"the cache's share of the mixed distribution (default {DEFAULT_LAMBDA})")
+    p.add_argument("--pointer_window", type=int, default=None,
+                   help="add a continuous pointer over the last N tokens of each stream (Grave et al. 2017)")
+    p.add_argument("--pointer_theta", type=float, default=DEFAULT_THETA,
+                   help=f"the pointer attention's inverse temperature (default {DEFAULT_THETA})")
+    p.add_argument("--pointer_lambda", type=float, default=DEFAULT_LAMBDA,
+                   help=f"the pointer's share of the mixed distribution (default {DEFAULT_LAMBDA})")
+    for name in ("window", "theta", "lambda"):  # the flags' former names, refused with their new ones
+        p.add_argument(f"--cache_{name}", nargs="?", action=_Renamed, new=f"--pointer_{name}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     keep_freed_memory()
     flush_denormals()
     result = evaluate(args.checkpoint, args.split, args.source, args.config_name, args.batch_size, args.bptt,
-                      args.accelerator, args.cache_window, args.cache_theta, args.cache_lambda)
+                      args.accelerator, args.pointer_window, args.pointer_theta, args.pointer_lambda)
     print(
         f"{result['split']} of {result['source']}: {result['tokens']:,} tokens\n"
         f"  loss            {result['loss']:.4f} nats/token\n"
@@ -149,14 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
         for direction in ("forward", "backward"):
             print(f"  {direction:<8} loss {result[direction + '_loss']:.4f}  ppl {result[direction + '_ppl']:.2f}  "
                   f"bpc {result[direction + '_bpc']:.4f}")
-    if "cache_loss" in result:
-        change = 100 * (result["cache_ppl"] / result["ppl"] - 1)
+    if "pointer_loss" in result:
+        change = 100 * (result["pointer_ppl"] / result["ppl"] - 1)
         print(
-            f"  with the continuous cache (window {result['cache_window']}, theta {result['cache_theta']}, "
-            f"lambda {result['cache_lambda']}):\n"
-            f"  loss            {result['cache_loss']:.4f} nats/token\n"
-            f"  perplexity      {result['cache_ppl']:.2f} ({change:+.1f}% vs {result['ppl']:.2f} without)\n"
-            f"  bits per char   {result['cache_bpc']:.4f}"
+            f"  with the continuous pointer (window {result['pointer_window']}, theta {result['pointer_theta']}, "
+            f"lambda {result['pointer_lambda']}):\n"
+            f"  loss            {result['pointer_loss']:.4f} nats/token\n"
+            f"  perplexity      {result['pointer_ppl']:.2f} ({change:+.1f}% vs {result['ppl']:.2f} without)\n"
+            f"  bits per char   {result['pointer_bpc']:.4f}"
         )
     print(json.dumps(result))
     return result
