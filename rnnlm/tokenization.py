@@ -38,13 +38,13 @@ class TokenizerError(UserError):
 # Fork safety: the Rust side of ``tokenizers`` runs a thread pool. A process forked after that pool has run (our
 # encoding workers, DataLoader workers, ``datasets.map(num_proc>1)``) would inherit a pool whose threads do not
 # exist, so ``tokenizers`` switches parallelism off in the child and warns, unless TOKENIZERS_PARALLELISM is set.
-# rnnlm sets it to "false" for the whole process (the children then encode sequentially, which they do anyway,
-# one task each) and to "true" only around work done before any fork: training a tokenizer.
+# So it is "false" by default and always while forking (the encoding pool has one single-threaded worker per core
+# instead), and "true" only around work done before any fork: training a tokenizer.
 PARALLELISM_VARIABLE = "TOKENIZERS_PARALLELISM"
 
 
 def default_tokenizers_parallelism() -> None:
-    """What every entry point does first: TOKENIZERS_PARALLELISM=false, unless the user chose otherwise."""
+    """The training entry points' default: TOKENIZERS_PARALLELISM=false, unless the user chose otherwise."""
     os.environ.setdefault(PARALLELISM_VARIABLE, "false")
 
 
