@@ -39,17 +39,12 @@ class TrainingInterrupted(Exception):
 
 def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` so that readers only ever see the old file or the complete new one."""
+    from rnnlm.files import atomic_open
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX within one file system, hence the temporary file beside the target
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as f:
+        torch.save(checkpoint, f)
 
 
 def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -1,38 +1,34 @@
 """The LightningDataModule: dataset -> tokenizer -> cached token stream -> truncated-BPTT chunks.
 
-``prepare_data`` (one process) trains or loads the tokenizer and encodes every split once into a compact numpy
-file under the cache folder, keyed by the dataset's fingerprint and the tokenizer; ``setup`` (every process)
-memory-maps those files and cuts them into streams for this rank.
+``prepare_data`` (one process) trains or loads the tokenizer and encodes every split once into the token cache
+(``token_cache.py``: a compact numpy file per split, keyed by the split's text and the tokenizer); ``setup`` (every
+process) memory-maps those files and cuts them into streams for this rank.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import json
 import os
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
 
-from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers, encode_to_file
-from rnnlm.sources import Corpus, DataError, default_cache_dir, digest, load_corpus
+from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers
+from rnnlm.errors import check_positive_int
+from rnnlm.sources import Corpus, DataError, default_cache_dir, load_corpus
 from rnnlm.streams import ChunkLoader, rank_rows
-from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, train_tokenizer
-
-CACHE_VERSION = 1
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+from rnnlm.token_cache import TokenCache, cached_tokenizer
+from rnnlm.tokenization import (
+    LEVELS,
+    Encoder,
+    TokenizerError,
+    load_pretrained,
+    tokenizers_parallelism,
+    train_tokenizer,
+)
 
 
 class LMDataModule(L.LightningDataModule):
@@ -114,6 +110,7 @@ class LMDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["vocab_size"])
         self.hparams["target_vocab_size"] = vocab_size
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.token_cache = TokenCache(self.cache_dir)
         self._corpus: Corpus | None = None
         self._tokenizer: Tokenizer | None = None
         self._encoder: Encoder | None = None
@@ -177,45 +174,31 @@ class LMDataModule(L.LightningDataModule):
         cap = hp.max_vocab_size if hp.max_vocab_size is not None else (
             hp.target_vocab_size if hp.tokenizer in ("char", "word") else None
         )
-        key = digest(
-            CACHE_VERSION, self.corpus.keys["train"], hp.tokenizer, hp.target_vocab_size, hp.min_frequency, cap
-        )
-        path = self.cache_dir / "tokenizers" / f"{hp.tokenizer}-{key}" / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Every process of a job (torchrun starts them all at once) asks for the tokenizer: one trains it, the
-        # others wait for the lock and load what it wrote.
-        with FileLock(str(path.parent) + ".lock"):
-            if path.exists():
-                rank_zero_info(f"rnnlm: tokenizer loaded from cache {path}")
-                return Tokenizer.from_file(str(path))
-            start = time.perf_counter()
+
+        def train() -> Tokenizer:
             texts = (t for batch in self.corpus.texts("train") for t in batch)
-            with _tokenizers_parallelism():
-                tok = train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
-            _atomic_write(path, tok.to_str(pretty=True))
-        # Said by whichever process did the work, so a log shows that it happened once.
-        print(
-            f"rnnlm: trained {hp.tokenizer} tokenizer ({tok.get_vocab_size()} entries) in "
-            f"{time.perf_counter() - start:.1f}s, saved to {path}",
-            flush=True,
-        )
-        return tok
+            with tokenizers_parallelism(True):  # every core; no process has been forked yet
+                return train_tokenizer(hp.tokenizer, texts, hp.target_vocab_size, hp.min_frequency, cap)
+
+        settings = (hp.target_vocab_size, hp.min_frequency, cap)
+        return cached_tokenizer(self.cache_dir, hp.tokenizer, self.corpus.keys["train"], settings, train)
 
     # ----------------------------------------------------------------------------------------- token cache
     def _cache_path(self, split: str) -> Path:
-        tok_hash = digest(self.tokenizer.to_str())
-        return self.cache_dir / "tokens" / f"{split}-{self.corpus.keys[split]}-{tok_hash}"
+        return self.token_cache.entry(split, self.corpus.keys[split], self.tokenizer)
 
     def prepare_data(self) -> None:
         """Encode every split once and cache the ids on disk (runs in one process per node)."""
         for split in self.corpus.splits:
-            folder = self._cache_path(split)
-            folder.mkdir(parents=True, exist_ok=True)
             # Several nodes may share the cache folder: one encodes, the others wait and reuse it.
-            with FileLock(str(folder) + ".lock"):
-                self.cache_hits[split] = (folder / "meta.json").exists()
-                if not self.cache_hits[split]:
-                    self._encode_split(split, folder)
+            self.cache_hits[split] = self.token_cache.prepare(
+                self._cache_path(split),
+                split,
+                self.encoder,
+                self.corpus.texts(split, batch_size=2000),  # a generator: nothing is read on a cache hit
+                self.corpus.num_documents(split),
+                self._encode_workers(split),
+            )
 
     def _encode_workers(self, split: str) -> int:
         if self.hparams.encode_workers:
@@ -223,91 +206,11 @@ class LMDataModule(L.LightningDataModule):
         size = self.corpus.size_in_bytes(split)
         return default_workers() if size is None or size > PARALLEL_MIN_CHARS else 1
 
-    def _encode_split(self, split: str, folder: Path) -> None:
-        enc = self.encoder
-        n_docs = self.corpus.num_documents(split)
-        tmp = folder / f".ids.bin.tmp{os.getpid()}"
-        workers = self._encode_workers(split)
-        start = time.perf_counter()
-        with open(tmp, "wb") as f, tqdm(
-            total=n_docs, desc=f"encoding {split}", unit="doc", leave=False, disable=(n_docs or 10**9) < 5000
-        ) as bar:
-            stats = encode_to_file(self.corpus.texts(split, batch_size=2000), enc, f, workers, bar.update)
-        os.replace(tmp, folder / "ids.bin")
-        meta = {
-            "version": CACHE_VERSION,
-            "key": folder.name,
-            "split": split,
-            "dtype": enc.dtype.name,
-            "tokens": stats.tokens,
-            "documents": stats.documents,
-            "characters": stats.characters,
-            "bytes": stats.bytes,
-            "encoder": enc.path,
-            "workers": workers,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        _atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
-        print(
-            f"rnnlm: encoded {split}: {stats.tokens:,} tokens from {stats.characters:,} characters in "
-            f"{meta['seconds']:.1f}s ({enc.path}, {workers} process{'es' if workers > 1 else ''}) -> {folder}",
-            flush=True,
-        )
-
     def _load_split(self, split: str) -> None:
         folder = self._cache_path(split)
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
+        if not self.token_cache.complete(folder):
             self.prepare_data()  # not run by a Trainer (e.g. plain use) or another node's cache
-        meta = self._read_meta(meta_path)
-        ids_path = folder / "ids.bin"
-        expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-        actual = ids_path.stat().st_size if ids_path.exists() else None
-        if actual != expected:
-            found = "is missing" if actual is None else f"has {actual:,} bytes"
-            raise DataError(
-                f"The token cache {ids_path} {found}, but its meta.json records {meta['tokens']:,} {meta['dtype']} "
-                f"ids ({expected:,} bytes): the file is truncated or was changed after it was written. Delete the "
-                f"folder {folder} and run again to rebuild it (no other cache is affected)."
-            )
-        ids = (
-            np.memmap(ids_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
-            if meta["tokens"]
-            else np.empty(0, dtype=meta["dtype"])
-        )
-        # One sequential read (page cache, no copy): ids beyond the vocabulary mean the file is not this entry's.
-        if len(ids) and int(ids.max()) >= self.vocab_size:
-            raise DataError(
-                f"The token cache {ids_path} holds id {int(ids.max())}, beyond this tokenizer's {self.vocab_size} "
-                f"entries: the file does not belong to this cache entry. Delete the folder {folder} and run again "
-                "to rebuild it."
-            )
-        self.stats[split] = meta
-        self.ids[split] = ids
-
-    def _read_meta(self, path: Path) -> dict:
-        """The cache entry's record, checked against what this data module expects of it."""
-        folder = path.parent
-        try:
-            meta = json.loads(path.read_text())
-            meta["tokens"], np.dtype(meta["dtype"])  # noqa: B018 - both must be present and valid
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(
-                f"The token cache record {path} is unreadable ({type(err).__name__}: {err}). Delete the folder "
-                f"{folder} and run again to rebuild it."
-            ) from None
-        key = meta.get("key")
-        if key is not None and key != folder.name:
-            raise DataError(
-                f"The token cache in {folder} was written for another dataset or tokenizer (its record says "
-                f"{key!r}). Delete the folder and run again to rebuild it."
-            )
-        if meta.get("version") != CACHE_VERSION:
-            raise DataError(
-                f"The token cache in {folder} was written by another version of rnnlm (cache format "
-                f"{meta.get('version')!r}, this one reads {CACHE_VERSION}). Delete the folder to rebuild it."
-            )
-        return meta
+        self.ids[split], self.stats[split] = self.token_cache.load(folder, self.vocab_size)
 
     # ----------------------------------------------------------------------------------------- streams
     @property
@@ -436,27 +339,8 @@ class LMDataModule(L.LightningDataModule):
         return self.loader("test") if "test" in self.corpus.splits else []
 
 
-@contextlib.contextmanager
-def _tokenizers_parallelism():
-    """Let the Rust side of ``tokenizers`` use every core while it trains a tokenizer.
-
-    The entry points set ``TOKENIZERS_PARALLELISM=false`` so that forked processes never inherit a busy thread
-    pool; training happens before any fork, and forked encoding workers switch parallelism off themselves.
-    """
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-
-
 def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise DataError(f"data.{name} must be a positive integer, got {value!r}.")
+    check_positive_int(f"data.{name}", value, DataError)
 
 
 def _is_tokenizer_path(spec: str) -> bool:

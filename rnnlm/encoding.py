@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from tokenizers import Tokenizer
 
-from rnnlm.tokenization import Encoder
+from rnnlm.tokenization import Encoder, tokenizers_parallelism
 
 TASK_CHARS = 1 << 22  # ~4 M characters per task: large enough to amortise the inter-process copies
 PARALLEL_MIN_CHARS = 1 << 25  # below ~32 M characters the pool's start-up costs more than it saves
@@ -85,7 +85,7 @@ def _encode_task(docs: list[str]) -> tuple[np.ndarray, EncodeStats]:
 
 def _context() -> multiprocessing.context.BaseContext:
     # fork starts in milliseconds and does not re-import the caller's main module; torch resets its thread pool in
-    # forked children (as for DataLoader workers) and TOKENIZERS_PARALLELISM=false keeps the Rust pool out of them.
+    # forked children (as for DataLoader workers) and tokenizers_parallelism(False) keeps the Rust pool out of them.
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
@@ -117,9 +117,8 @@ def encode_to_file(
             write(*encode_docs(encoder, docs))
         return stats
 
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the fork: each worker encodes sequentially
     pending: deque[Future] = deque()
-    with ProcessPoolExecutor(
+    with tokenizers_parallelism(False), ProcessPoolExecutor(  # set before the fork: each worker encodes sequentially
         max_workers=workers,
         mp_context=_context(),
         initializer=_init_worker,

@@ -35,6 +35,7 @@ from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.errors import ConfigError, run_main
 from rnnlm.lm import LanguageModel
+from rnnlm.tokenization import default_tokenizers_parallelism
 from rnnlm.tracking import choose_wandb_mode
 from rnnlm.training import NonFiniteLossError
 
@@ -87,7 +88,7 @@ class RNNLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    default_tokenizers_parallelism()
     keep_freed_memory()
     flush_denormals()
     wandb_mode = choose_wandb_mode()

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnlm.errors import UserError
+from rnnlm.files import write_atomically
+
 SPLITS = ("train", "validation", "test")
 SAMPLE_BY = ("document", "paragraph", "line")
 BUILTIN_PREFIX = "builtin:"
 _TEXT_SUFFIXES = {".txt", ".text", ".tokens", ".raw", ""}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+HASH_BLOCK = 1 << 22  # 4 MiB per read when hashing local files
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data source cannot be used as configured."""
 
 
@@ -70,9 +74,7 @@ def python_docs(cache_dir: Path) -> Path:
     content = "".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics))
     if not path.exists() or path.read_text(encoding="utf-8") != content:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, content)
     return path
 
 
@@ -103,11 +105,39 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or suffix in {*_BUILDERS, *_TEXT_SUFFIXES} - {""}
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The files of a data folder, leaving out hidden files and folders (``.git``, editor files), as datasets does."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def hash_files(files: list[Path], root: Path, block: int = HASH_BLOCK) -> str:
+    """A hash of the files' content, names (relative to ``root``) and sizes: SHA-256 over blocks read from disk.
+
+    It keys the caches of local sources, so that changed text always makes a new key, whatever its modification
+    time; moving or copying the files elsewhere keeps it.
+    """
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    for path in sorted(files):
+        with open(path, "rb", buffering=0) as f:
+            h.update(f"{path.relative_to(root).as_posix()}\0{os.fstat(f.fileno()).st_size}\0".encode())
+            while n := f.readinto(buf):
+                h.update(view[:n])
+    return h.hexdigest()[:32]
+
+
 def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path, streaming: bool = False):
     """Load ``source`` into a ``datasets.DatasetDict`` (or a single ``Dataset`` for a ``save_to_disk`` folder).
 
     ``streaming=True`` gives ``IterableDataset`` splits for Hub datasets and local files, read as they are iterated.
     A ``save_to_disk`` folder is memory-mapped already and is loaded as it is.
+
+    Returns the data and, for a local source (file, folder, ``save_to_disk`` folder, built-in corpus), the hash of
+    its files (:func:`hash_files`); None for a Hub dataset.
     """
     import datasets
 
@@ -122,7 +152,7 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        return datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(path)), hash_files(_data_files(path), path)
     if path.is_file():
         builder = _builder_for([path])
         if builder is None:
@@ -131,24 +161,27 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
                 "parquet (.parquet) file."
             )
         _check_not_empty([path])
+        content = hash_files([path], path.parent)
         kwargs = _text_kwargs(sample_by) if builder == "text" else {}
-        return _load_local(path, builder, data_files={"train": str(path)}, streaming=streaming, **kwargs)
+        kwargs.update(data_files={"train": str(path)}, streaming=streaming)
+        return _load_local(path, builder, content, **kwargs), content
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = _data_files(path)
         if not files:
             raise DataError(f"The data folder {path} holds no files.")
         _check_not_empty(files)
-        builder = _builder_for(files)
-        if builder == "text":
-            return _load_local(path, "text", data_dir=str(path), streaming=streaming, **_text_kwargs(sample_by))
-        return _load_local(path, str(path), streaming=streaming)
+        content = hash_files(files, path)
+        if _builder_for(files) == "text":
+            kwargs = {"data_dir": str(path), **_text_kwargs(sample_by)}
+            return _load_local(path, "text", content, streaming=streaming, **kwargs), content
+        return _load_local(path, str(path), content, streaming=streaming), content
     if _looks_like_path(source):
         raise DataError(
             f"Data source {source!r} does not exist. Give an existing file or folder, a Hugging Face Hub dataset "
             f"name (e.g. Salesforce/wikitext with config_name wikitext-2-raw-v1), or {BUILTIN_PREFIX}python-docs."
         )
     try:
-        return datasets.load_dataset(source, config_name, streaming=streaming)
+        return datasets.load_dataset(source, config_name, streaming=streaming), None
     except Exception as err:  # the Hub raises many types: not found, gated, offline, bad config
         offline = " (HF_HUB_OFFLINE is set, so the Hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise DataError(
@@ -179,11 +212,14 @@ def _check_not_empty(files: list[Path]) -> None:
         )
 
 
-def _load_local(path: Path, builder: str, **kwargs):
+def _load_local(path: Path, builder: str, content: str, **kwargs):
     import datasets
 
     try:
-        return datasets.load_dataset(builder, **kwargs)
+        # datasets keeps the tables it converts a local file into, keyed by the file's path and modification time:
+        # text rewritten with its old time (cp -p, rsync -t, tar) would be read from the old table. Every config
+        # keyword enters that key, so the content hash goes in as the (otherwise unused) config description.
+        return datasets.load_dataset(builder, description=f"rnnlm content {content}", **kwargs)
     except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as err:
         if "corresponds to no data" in str(err):
             raise DataError(f"{path} holds no text: no rows were found in it.") from err
@@ -219,24 +255,26 @@ def load_corpus(
     if val_fraction + test_fraction >= 1.0:
         raise DataError("val_fraction + test_fraction must leave some text for training (sum < 1).")
 
-    raw = load_raw(source, config_name, sample_by, cache_dir, streaming)
+    raw, content = load_raw(source, config_name, sample_by, cache_dir, streaming)
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     elif isinstance(raw, datasets.IterableDataset):
         raw = datasets.IterableDatasetDict({"train": raw})
     available = {k: raw[k] for k in raw}
 
-    def find(split: str):
+    def find(split: str) -> str | None:
+        """The source's name for ``split``, if it has that split."""
         wanted = names[split]
         if wanted in available:
-            return available[wanted]
+            return wanted
         if split == "validation":
             for alias in ("validation", "valid", "val", "dev"):
                 if alias in available:
-                    return available[alias]
+                    return alias
         return None
 
-    found = {s: find(s) for s in SPLITS}
+    source_names = {s: find(s) for s in SPLITS}
+    found = {s: available[n] if n is not None else None for s, n in source_names.items()}
     if found["train"] is None:
         raise DataError(
             f"The source {source!r} has no split {names['train']!r}; its splits are {sorted(available)}. "
@@ -257,7 +295,8 @@ def load_corpus(
             if text_field != "text":
                 ds = ds.rename_column(text_field, "text")
             splits[s] = ds
-            keys[s] = digest(_content_key(found[s], source, config_name, s), text_field, sample_by)
+            key = _content_key(found[s], content, source, config_name, source_names[s])
+            keys[s] = digest(key, text_field, sample_by)
 
     carve = [(s, f) for s, f in (("validation", val_fraction), ("test", test_fraction)) if s not in splits and f > 0]
     if carve and streaming:
@@ -282,16 +321,21 @@ def load_corpus(
     return Corpus(splits=splits, keys=keys)
 
 
-def _content_key(ds, source: str, config_name: str | None, split: str) -> str:
-    """What the token cache of a split is keyed by: the dataset's fingerprint, or for a stream (which has none) its
-    name, configuration and split, plus the size and modification time of local files."""
+def _content_key(ds, content: str | None, source: str, config_name: str | None, split: str) -> str:
+    """What the caches of the source's split ``split`` are keyed by.
+
+    A local source: the hash of its files' content (``content``), so that changed text always misses, even with its
+    old modification time. A Hub dataset: its fingerprint, which follows the repository's revision and data files;
+    a streamed one has none, and is keyed by its name, configuration and split.
+    """
+    if content is not None:
+        return digest("files", content, split)
+    # datasets has no public accessor for a Dataset's fingerprint: ``_fingerprint`` is the key of its own caches
+    # (the Hub revision and data files, plus every transform applied since loading).
     fingerprint = getattr(ds, "_fingerprint", None)
     if fingerprint is not None:
         return fingerprint
-    path = Path(source).expanduser()
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()) if path.exists() else []
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return digest("stream", source, config_name, split, stats)
+    return digest("stream", source, config_name, split)
 
 
 def _n_chars(ds) -> np.ndarray:

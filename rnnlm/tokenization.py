@@ -11,13 +11,17 @@ uses a vectorised numpy lookup that yields the very same ids (~100x faster; test
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from rnnlm.errors import UserError
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -26,8 +30,36 @@ LEVELS = ("char", "byte", "word", "bpe", "unigram", "wordpiece")
 _KNOWN_SEPARATORS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer setting or file that cannot be used."""
+
+
+# --------------------------------------------------------------------------------------------- parallelism
+# Fork safety: the Rust side of ``tokenizers`` runs a thread pool. A process forked after that pool has run (our
+# encoding workers, DataLoader workers, ``datasets.map(num_proc>1)``) would inherit a pool whose threads do not
+# exist, so ``tokenizers`` switches parallelism off in the child and warns, unless TOKENIZERS_PARALLELISM is set.
+# So it is "false" by default and always while forking (the encoding pool has one single-threaded worker per core
+# instead), and "true" only around work done before any fork: training a tokenizer.
+PARALLELISM_VARIABLE = "TOKENIZERS_PARALLELISM"
+
+
+def default_tokenizers_parallelism() -> None:
+    """The training entry points' default: TOKENIZERS_PARALLELISM=false, unless the user chose otherwise."""
+    os.environ.setdefault(PARALLELISM_VARIABLE, "false")
+
+
+@contextlib.contextmanager
+def tokenizers_parallelism(enabled: bool) -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM set to ``enabled`` inside the block (whatever it was), restored after it."""
+    before = os.environ.get(PARALLELISM_VARIABLE)
+    os.environ[PARALLELISM_VARIABLE] = "true" if enabled else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARALLELISM_VARIABLE, None)
+        else:
+            os.environ[PARALLELISM_VARIABLE] = before
 
 
 # --------------------------------------------------------------------------------------------- byte level

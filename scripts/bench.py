@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
+from rnnlm.tokenization import default_tokenizers_parallelism
 
 
 # --------------------------------------------------------------------------------------------- the hand-written side
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
     # The process settings of rnnlm's entry points, for both sides alike.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    default_tokenizers_parallelism()
     os.environ.setdefault("WANDB_MODE", "disabled")
     keep_freed_memory()
     if not args.keep_denormals:

@@ -1,5 +1,5 @@
 """AWD-LSTM parts: weight drop, locked and word dropout, per-layer sizes, AR/TAR, variable-length BPTT, NT-ASGD and
-the continuous cache."""
+the continuous pointer."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from conftest import tiny_data, tiny_trainer
 
 from rnnlm import evaluate
-from rnnlm.cache import NeuralCache
 from rnnlm.callbacks import NTASGD
 from rnnlm.config import RNNLMConfig
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
+from rnnlm.pointer import ContinuousPointer
 from rnnlm.sources import DataError
 from rnnlm.streams import ChunkLoader, draw_spans, rank_rows
 
@@ -299,16 +299,16 @@ def test_ntasgd_averages_evaluates_with_averages_and_resumes_exactly(corpus_dir,
         torch.testing.assert_close(a, b, msg=name)
 
 
-# ----------------------------------------------------------------------------------------- continuous cache
-def test_cache_matches_a_hand_computed_example():
+# ----------------------------------------------------------------------------------------- continuous pointer
+def test_pointer_matches_a_hand_computed_example():
     hidden = torch.tensor([[[1.0], [2.0], [0.0], [1.0]]])  # [B=1, T=4, D=1]
     targets = torch.tensor([[5, 6, 5, 6]])
     model_lp = torch.full((1, 4), math.log(0.1))
-    cache = NeuralCache(window=2, theta=1.0, lam=0.5)
+    cache = ContinuousPointer(window=2, theta=1.0, lam=0.5)
     got = cache.log_probs(hidden, targets, model_lp).exp()[0]
     e2 = math.exp(2)
     expected = [
-        0.1,  # t=0: an empty cache leaves the model alone
+        0.1,  # t=0: an empty pointer memory leaves the model alone
         0.5 * 0.1 + 0.5 * 0.0,  # t=1: the only slot (h=1, next=5) predicts 5, not 6
         0.5 * 0.1 + 0.5 * 0.5,  # t=2: h=0 scores both slots 0; the one predicting 5 has half the mass
         0.5 * 0.1 + 0.5 * e2 / (e2 + 1),  # t=3: window 2 sees slots 1 (score 2, next 6) and 2 (score 0, next 5)
@@ -317,27 +317,27 @@ def test_cache_matches_a_hand_computed_example():
     assert cache.keys.shape == (1, 2, 1) and cache.values.tolist() == [[5, 6]]  # the last `window` pairs kept
 
 
-def test_cache_distribution_sums_to_one_and_agrees_with_the_mixture():
+def test_pointer_distribution_sums_to_one_and_agrees_with_the_mixture():
     torch.manual_seed(7)
     hidden, targets = torch.randn(3, 9, 5), torch.randint(0, 11, (3, 9))
     lp = torch.log_softmax(torch.randn(3, 9, 11), -1).gather(-1, targets[..., None]).squeeze(-1)
-    cache = NeuralCache(window=6, theta=0.7, lam=1.0)
+    cache = ContinuousPointer(window=6, theta=0.7, lam=1.0)
     cache.update(torch.randn(3, 4, 5), torch.randint(0, 11, (3, 4)))
     dist = cache.distribution(hidden, targets, 11)
     torch.testing.assert_close(dist.sum(-1), torch.ones(3, 9))
-    mixed = cache.log_probs(hidden, targets, lp)  # lambda = 1: the cache alone
+    mixed = cache.log_probs(hidden, targets, lp)  # lambda = 1: the pointer alone
     torch.testing.assert_close(mixed.exp(), dist.gather(-1, targets[..., None]).squeeze(-1))
     # Chunk by chunk equals all at once (the memory carries across chunks, the window slides).
-    whole, parts = NeuralCache(4, 0.7, 0.3), NeuralCache(4, 0.7, 0.3)
+    whole, parts = ContinuousPointer(4, 0.7, 0.3), ContinuousPointer(4, 0.7, 0.3)
     all_at_once = whole.log_probs(hidden, targets, lp)
     chunked = torch.cat([parts.log_probs(hidden[:, i : i + 2], targets[:, i : i + 2], lp[:, i : i + 2])
                          for i in range(0, 9, 2)], 1)
     torch.testing.assert_close(chunked, all_at_once)
-    zero = NeuralCache(4, 0.7, 0.0)
+    zero = ContinuousPointer(4, 0.7, 0.0)
     assert torch.equal(zero.log_probs(hidden, targets, lp), lp)  # lambda = 0 is exactly the model
 
 
-def test_evaluate_with_cache_reports_both_perplexities(corpus_dir, tmp_path, capsys):
+def test_evaluate_with_pointer_reports_both_perplexities(corpus_dir, tmp_path, capsys):
     data = tiny_data(corpus_dir, tmp_path)
     torch.manual_seed(8)
     model = LanguageModel(RNNLMConfig(data.vocab_size, embedding_dim=8, hidden_sizes=[16, 8], tie_weights=True,
@@ -347,15 +347,20 @@ def test_evaluate_with_cache_reports_both_perplexities(corpus_dir, tmp_path, cap
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
     plain = evaluate.evaluate(str(ckpt), "test", accelerator="cpu")
-    off = evaluate.evaluate(str(ckpt), "test", accelerator="cpu", cache_window=50, cache_lambda=0.0)
+    off = evaluate.evaluate(str(ckpt), "test", accelerator="cpu", pointer_window=50, pointer_lambda=0.0)
     assert off["loss"] == pytest.approx(plain["loss"], rel=1e-5)  # the same plain pass as the Trainer's test
-    assert off["cache_loss"] == pytest.approx(off["loss"], rel=1e-6)
-    result = evaluate.main(["--checkpoint", str(ckpt), "--cache_window", "100", "--cache_theta", "0.5",
-                            "--cache_lambda", "0.2"])
+    assert off["pointer_loss"] == pytest.approx(off["loss"], rel=1e-6)
+    result = evaluate.main(["--checkpoint", str(ckpt), "--pointer_window", "100", "--pointer_theta", "0.5",
+                            "--pointer_lambda", "0.2"])
     out = capsys.readouterr().out
-    assert "with the continuous cache (window 100, theta 0.5, lambda 0.2)" in out
+    assert "with the continuous pointer (window 100, theta 0.5, lambda 0.2)" in out
     last = json.loads(out.strip().splitlines()[-1])
-    assert last["cache_ppl"] == pytest.approx(result["cache_ppl"]) and last["ppl"] == pytest.approx(plain["ppl"])
-    assert last["cache_ppl"] != pytest.approx(last["ppl"])
+    assert last["pointer_ppl"] == pytest.approx(result["pointer_ppl"]) and last["ppl"] == pytest.approx(plain["ppl"])
+    assert last["pointer_ppl"] != pytest.approx(last["ppl"])
     with pytest.raises(ValueError, match="window must be a positive"):
-        NeuralCache(0, 1.0, 0.1)
+        ContinuousPointer(0, 1.0, 0.1)
+    for old, new in (("--cache_window", "--pointer_window"), ("--cache_lambda", "--pointer_lambda")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--checkpoint", str(ckpt), old, "100"])
+        assert exit_info.value.code == 2
+        assert f"{old} is now {new}" in capsys.readouterr().err

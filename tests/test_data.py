@@ -441,11 +441,6 @@ def test_changed_training_text_is_a_cache_miss(corpus_dir, tmp_path, info_log):
     assert second.encoder.decode(np.asarray(second.ids["train"][:-1]).tolist()) == new_text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cache key of a local file is datasets' fingerprint, which for local files only hashes the path "
-    "and mtime: new content with the old mtime (cp -p, rsync -t, tar) serves the stale text and token cache",
-)
 def test_changed_text_with_the_same_mtime_is_a_cache_miss(corpus_dir, tmp_path):
     settings = _cache_settings(corpus_dir, tmp_path)
     first = LMDataModule(**settings)
@@ -460,6 +455,67 @@ def test_changed_text_with_the_same_mtime_is_a_cache_miss(corpus_dir, tmp_path):
     second.prepare_data()
     second.setup("fit")
     assert second.encoder.decode(np.asarray(second.ids["train"][:-1]).tolist()) == new_text
+
+
+def test_changed_json_lines_with_the_same_mtime_are_read_anew(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write("jsonl", path)
+    before = load_corpus(str(path), text_field="content", val_fraction=0, test_fraction=0)
+    st = os.stat(path)
+    path.write_text("".join(json.dumps({"id": i, "content": d.upper()}) + "\n" for i, d in enumerate(DOCS)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = load_corpus(str(path), text_field="content", val_fraction=0, test_fraction=0)
+    assert _texts(after, "train") == [d.upper() for d in DOCS]  # not datasets' table of the old file
+    assert after.keys["train"] != before.keys["train"]
+
+
+def test_the_same_text_elsewhere_is_a_cache_hit(corpus_dir, tmp_path, info_log):
+    """The key of a local source is its content: a copy (new path, new modification times) reuses the caches."""
+    settings = _cache_settings(corpus_dir, tmp_path)
+    first = LMDataModule(**settings)
+    first.prepare_data()
+    copy = tmp_path / "elsewhere" / "corpus"
+    copy.mkdir(parents=True)
+    for f in corpus_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    info_log.clear()
+    second = LMDataModule(**{**settings, "source": str(copy)})
+    second.prepare_data()
+    assert second.cache_hits == {"train": True, "validation": True, "test": True}
+    assert "tokenizer loaded from cache" in info_log.text
+    assert {s: second._cache_path(s) for s in second.corpus.splits} == {
+        s: first._cache_path(s) for s in first.corpus.splits
+    }
+
+
+def test_hash_files_follows_content_and_names_not_location(tmp_path):
+    from rnnlm.sources import hash_files
+
+    def folder(name: str, files: dict) -> list:
+        root = tmp_path / name
+        root.mkdir()
+        for rel, data in files.items():
+            (root / rel).write_bytes(data)
+        return [sorted(root.iterdir()), root]
+
+    base = hash_files(*folder("a", {"train.txt": b"abc", "test.txt": b"de"}))
+    assert hash_files(*folder("b", {"train.txt": b"abc", "test.txt": b"de"})) == base  # moved: same key
+    assert hash_files(*folder("c", {"train.txt": b"abd", "test.txt": b"de"})) != base  # one byte changed
+    assert hash_files(*folder("d", {"train.txt": b"ab", "test.txt": b"cde"})) != base  # a byte moved across files
+    assert hash_files(*folder("e", {"valid.txt": b"abc", "test.txt": b"de"})) != base  # a file renamed
+    assert hash_files(*folder("f", {"train.txt": b"abc", "test.txt": b"de"}), block=2) == base  # any block size
+
+
+def test_each_source_split_has_its_own_key(tmp_path):
+    import datasets
+
+    parts = {"train": [make_text(20, seed=1)], "validation": ["valid text"], "dev": ["dev text"], "test": ["t"]}
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in parts.items()}).save_to_disk(folder)
+    default, dev = load_corpus(str(folder)), load_corpus(str(folder), split_names={"validation": "dev"})
+    assert _texts(default, "validation") == ["valid text"] and _texts(dev, "validation") == ["dev text"]
+    assert default.keys["validation"] != dev.keys["validation"]
+    assert default.keys["train"] == dev.keys["train"]
 
 
 @pytest.mark.parametrize(
@@ -509,3 +565,28 @@ def test_bad_settings_are_refused():
         LMDataModule(bptt=-1)
     with pytest.raises(ValueError, match="did you mean 'char'"):
         LMDataModule(tokenizer="chars")
+
+
+def test_data_and_tokenizer_errors_are_user_errors():
+    from rnnlm.errors import UserError
+    from rnnlm.tokenization import TokenizerError
+
+    assert issubclass(DataError, UserError) and issubclass(TokenizerError, UserError)
+    with pytest.raises(DataError, match=r"^data\.bptt must be a positive integer, got True\.$"):
+        LMDataModule(bptt=True)
+    with pytest.raises(TokenizerError):
+        LMDataModule(tokenizer="chars")
+
+
+def test_token_cache_entry_of_another_format_version_is_refused(corpus_dir, tmp_path):
+    from rnnlm.token_cache import TOKEN_CACHE_FORMAT_VERSION, TokenCache
+
+    dm = _char_module(corpus_dir, tmp_path)
+    folder = dm._cache_path("train")
+    assert folder.parent == tmp_path / "cache" / "tokens"
+    ids, meta = TokenCache(tmp_path / "cache").load(folder, dm.vocab_size)
+    np.testing.assert_array_equal(ids, dm.ids["train"])
+    assert meta["version"] == TOKEN_CACHE_FORMAT_VERSION and meta["key"] == folder.name
+    (folder / "meta.json").write_text(json.dumps({**meta, "version": TOKEN_CACHE_FORMAT_VERSION + 1}))
+    with pytest.raises(DataError, match="another version of rnnlm"):
+        TokenCache(tmp_path / "cache").load(folder, dm.vocab_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -371,3 +372,20 @@ def test_unknown_level_and_missing_vocab_size():
     for level in ("bpe", "unigram", "wordpiece"):
         with pytest.raises(TokenizerError, match="vocab_size"):
             train_tokenizer(level, ["abc"])
+
+
+def test_tokenizers_parallelism_is_set_in_one_place(monkeypatch):
+    from rnnlm.tokenization import PARALLELISM_VARIABLE, default_tokenizers_parallelism, tokenizers_parallelism
+
+    monkeypatch.delenv(PARALLELISM_VARIABLE, raising=False)
+    with tokenizers_parallelism(True):
+        assert os.environ[PARALLELISM_VARIABLE] == "true"
+    assert PARALLELISM_VARIABLE not in os.environ  # restored: it was unset
+    default_tokenizers_parallelism()
+    assert os.environ[PARALLELISM_VARIABLE] == "false"
+    with pytest.raises(RuntimeError), tokenizers_parallelism(True):
+        raise RuntimeError
+    assert os.environ[PARALLELISM_VARIABLE] == "false"  # restored after an error too
+    monkeypatch.setenv(PARALLELISM_VARIABLE, "true")
+    default_tokenizers_parallelism()
+    assert os.environ[PARALLELISM_VARIABLE] == "true"  # the user's choice stands

@@ -1,12 +1,13 @@
-"""The continuous cache ("neural cache") of Grave et al., "Improving Neural Language Models with a Continuous
-Cache" (ICLR 2017), applied at evaluation time to a trained model.
+"""The continuous pointer of Grave et al., "Improving Neural Language Models with a Continuous Cache" (ICLR 2017),
+applied at evaluation time to a trained model. The paper calls it a continuous cache and AWD-LSTM's code
+(``pointer.py``) a pointer; rnnlm says continuous pointer, so that "cache" only ever means the token cache on disk.
 
-The cache remembers, per stream, the last ``window`` pairs (h_i, w_{i+1}): the top layer's output at position i
+The pointer remembers, per stream, the last ``window`` pairs (h_i, w_{i+1}): the top layer's output at position i
 and the token that followed it. At position t it puts on every word w the attention mass
 
-    p_cache(w | h_t) = sum_{i in window, w_{i+1} = w} softmax_i(theta * h_t . h_i)
+    p_ptr(w | h_t) = sum_{i in window, w_{i+1} = w} softmax_i(theta * h_t . h_i)
 
-and the model's prediction becomes the mixture (1 - lambda) p_model + lambda p_cache: words seen recently in a
+and the model's prediction becomes the mixture (1 - lambda) p_model + lambda p_ptr: words seen recently in a
 similar context get a boost. Nothing is trained; ``window``, ``theta`` and ``lambda`` are tuned on validation data.
 Merity et al. (2017) report WikiText-2 test perplexity 65.8 -> 52.0 with window 3785, theta 0.662, lambda 0.1279.
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rnnlm.errors import ConfigError
 
-class NeuralCache:
-    """Per-stream memory of (hidden state, next token) pairs and the cache distribution it gives.
+
+class ContinuousPointer:
+    """Per-stream memory of (hidden state, next token) pairs and the pointer distribution it gives.
 
     Call :meth:`log_probs` chunk after chunk, in stream order; it returns the mixed log-probabilities of the
     targets and then appends the chunk to the memory.
@@ -29,11 +32,11 @@ class NeuralCache:
 
     def __init__(self, window: int, theta: float, lam: float) -> None:
         if not isinstance(window, int) or window < 1:
-            raise ValueError(f"cache window must be a positive number of tokens, got {window!r}.")
+            raise ConfigError(f"pointer window must be a positive number of tokens, got {window!r}.")
         if theta < 0:
-            raise ValueError(f"cache theta (the attention's inverse temperature) must be >= 0, got {theta!r}.")
+            raise ConfigError(f"pointer theta (the attention's inverse temperature) must be >= 0, got {theta!r}.")
         if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"cache lambda (the cache's share of the mixture) must be in [0, 1], got {lam!r}.")
+            raise ConfigError(f"pointer lambda (the pointer's share of the mixture) must be in [0, 1], got {lam!r}.")
         self.window = window
         self.theta = theta
         self.lam = lam
@@ -66,7 +69,7 @@ class NeuralCache:
         return weights, values, seen
 
     def distribution(self, hidden: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
-        """The full cache distribution ``[B, T, V]`` for the chunk (zeros where nothing is visible); no update."""
+        """The full pointer distribution ``[B, T, V]`` for the chunk (zeros where nothing is visible); no update."""
         weights, values, _ = self.attention(hidden, targets)
         index = values[:, None, :].expand(-1, weights.size(1), -1)
         return weights.new_zeros(*weights.shape[:2], vocab_size).scatter_add_(-1, index, weights)
@@ -80,16 +83,16 @@ class NeuralCache:
         self.keys, self.values = keys[:, -self.window :], targets[:, -self.window :]
 
     def log_probs(self, hidden: Tensor, targets: Tensor, model_log_probs: Tensor) -> Tensor:
-        """Log of ``(1 - lambda) p_model + lambda p_cache`` at the targets ``[B, T]``, then remember the chunk.
+        """Log of ``(1 - lambda) p_model + lambda p_ptr`` at the targets ``[B, T]``, then remember the chunk.
 
         ``hidden`` ``[B, T, D]`` is the top layer's output, ``model_log_probs`` ``[B, T]`` the model's log-probability
-        of each target. Where the cache sees nothing (a stream's first token) the model's probability stays.
+        of each target. Where the pointer sees nothing (a stream's first token) the model's probability stays.
         """
         weights, values, seen = self.attention(hidden, targets)
-        cache_p = (weights * (values[:, None, :] == targets[:, :, None])).sum(-1)  # [B, T]
+        pointer_p = (weights * (values[:, None, :] == targets[:, :, None])).sum(-1)  # [B, T]
         model_lp = model_log_probs.float()
         # In log space, so that a tiny model probability does not underflow and lambda = 0 gives the model exactly.
         lam = torch.tensor(self.lam, device=model_lp.device)
-        mixed = torch.logaddexp(torch.log1p(-lam) + model_lp, lam.log() + cache_p.log())
+        mixed = torch.logaddexp(torch.log1p(-lam) + model_lp, lam.log() + pointer_p.log())
         self.update(hidden, targets)
         return torch.where(seen, mixed, model_lp)
