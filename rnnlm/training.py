@@ -114,9 +114,10 @@ class ChunkLengthLR(L.Callback):
     """Variable-length BPTT (AWD-LSTM, Merity et al. 2017): each optimizer step's learning rate is scaled by its
     chunk length / bptt, so that short chunks do not weigh as much as long ones.
 
-    The scaled rate lives exactly as long as ``optimizer.step``: torch's step hooks set it and put the configured
-    rate back, so schedulers, logs and checkpoints only ever see the configured one. With gradient accumulation the
-    step takes the scale of its last chunk. Does nothing for fixed-length chunks.
+    The rate is scaled right before the update (``on_before_optimizer_step``, after the gradients are complete)
+    and put back by a step hook of the optimizer right after it, so the steps' logs, the schedulers and the
+    checkpoints only ever see the configured rate. With gradient accumulation the step takes the scale of its last
+    chunk. Does nothing for fixed-length chunks.
     """
 
     def __init__(self) -> None:
@@ -125,9 +126,7 @@ class ChunkLengthLR(L.Callback):
         self._handles: list = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_pre_hook(self._scale_lr))
-            self._handles.append(optimizer.register_step_post_hook(self._restore_lr))
+        self._handles = [opt.register_step_post_hook(self._restore) for opt in trainer.optimizers]
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         for handle in self._handles:
@@ -142,15 +141,18 @@ class ChunkLengthLR(L.Callback):
         variable = isinstance(loader, ChunkLoader) and loader.variable_length
         self._scale = batch[0].size(1) / loader.bptt if variable else None
 
-    def _scale_lr(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
         if self._scale is None:
             return
         self._configured = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * self._scale
 
-    def _restore_lr(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        if self._configured is not None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._restore(trainer.optimizers[0] if trainer.optimizers else None)  # a step the GradScaler skipped
+
+    def _restore(self, optimizer: torch.optim.Optimizer | None, *hook_args) -> None:
+        if self._configured is not None and optimizer is not None:
             for group, lr in zip(optimizer.param_groups, self._configured):
                 group["lr"] = lr
             self._configured = None

@@ -15,11 +15,14 @@ import pytest
 import torch
 from conftest import fit_args, make_text, tiny_data, tiny_trainer
 
+import rnnlm
 from rnnlm import evaluate, fit
 from rnnlm.checkpointing import CheckpointError, SafeCheckpointIO, load_safely, save_atomically
+from rnnlm.config import RNNLMConfig
 from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel, NonFiniteLossError
+from rnnlm.lm import LanguageModel
 from rnnlm.sources import DataError
+from rnnlm.training import NonFiniteGuard, NonFiniteLossError
 
 
 def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
@@ -67,7 +70,7 @@ def test_truncated_checkpoint_is_reported_and_nothing_is_overwritten(trained, co
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         evaluate.main(["--checkpoint", str(broken)])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        LanguageModel.from_checkpoint(str(broken))
+        rnnlm.load(broken)
 
 
 def test_garbage_and_missing_checkpoints(tmp_path):
@@ -98,7 +101,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(trained, corpus_di
     ckpt["rnnlm"]["payload"] = _Payload(marker)
     evil = trained.with_name("evil.ckpt")
     torch.save(ckpt, evil)
-    for attempt in (lambda: LanguageModel.from_checkpoint(str(evil)),
+    for attempt in (lambda: rnnlm.load(evil),
                     lambda: evaluate.main(["--checkpoint", str(evil)])):
         with pytest.raises(CheckpointError, match="could run code"):
             attempt()
@@ -162,7 +165,7 @@ class Weights(L.Callback):
 def _poisoned_run(corpus: Path, root: Path, policy: str, weights: Weights) -> tuple[PoisonAt, L.Trainer]:
     data = tiny_data(corpus, root, batch_size=2, bptt=8)
     torch.manual_seed(0)
-    model = PoisonAt(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8, on_nonfinite=policy)
+    model = PoisonAt(RNNLMConfig(data.vocab_size, num_layers=1, embedding_dim=8, hidden_size=8), on_nonfinite=policy)
     trainer = tiny_trainer(root, max_steps=8, limit_val_batches=0, enable_checkpointing=True,
                            callbacks=[weights, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"))])
     trainer.fit(model, datamodule=data)
@@ -189,7 +192,8 @@ def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_good_state(corpus_di
 def test_nonfinite_loss_can_be_skipped(corpus_dir, tmp_path):
     weights = Weights()
     model, trainer = _poisoned_run(corpus_dir, tmp_path, "skip", weights)
-    assert trainer.global_step == 8 and model.skipped_steps == 1
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert trainer.global_step == 8 and guard.skipped_steps == 1
     for name, tensor in model.state_dict().items():
         assert torch.isfinite(tensor).all(), name
     # The poisoned step changed nothing.

@@ -19,6 +19,7 @@ import torch
 from conftest import FIT, fit_args, sigterm_once_training, tiny_data, tiny_trainer
 
 from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
+from rnnlm.config import RNNLMConfig
 from rnnlm.lm import LanguageModel
 from rnnlm.streams import ChunkLoader
 
@@ -58,17 +59,18 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-AWD = {"hidden_sizes": [16, 8], "weight_drop": 0.3, "locked_dropout": True, "dropout_words": 0.1,
-       "activation_regularization": 1.0, "temporal_activation_regularization": 1.0}
+AWD = {"hidden_sizes": [16, 8], "weight_drop": 0.3, "locked_dropout": True, "dropout_words": 0.1}
+AR_TAR = {"activation_regularization": 1.0, "temporal_activation_regularization": 1.0}
 
 
 def _fit(corpus: Path, root: Path, callbacks: list, ckpt_path: str | None = None, cell: str = "lstm",
          bidirectional: bool = False, awd: bool = False) -> tuple[PlateauModel, L.Trainer]:
     L.seed_everything(7)
     data = tiny_data(corpus, root, batch_size=3, bptt=8, bidirectional=bidirectional, variable_bptt=awd)
-    model = PlateauModel(vocab_size=data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
+    config = RNNLMConfig(data.vocab_size, cell=cell, num_layers=2, embedding_dim=8, hidden_size=16,
                          dropout_embedding=0.1, dropout_between=0.2, dropout_output=0.2, bidirectional=bidirectional,
                          **(AWD if awd else {}))
+    model = PlateauModel(config, **(AR_TAR if awd else {}))
     trainer = tiny_trainer(
         root, max_epochs=2, limit_train_batches=20, val_check_interval=10, limit_val_batches=4,
         num_sanity_val_steps=0, enable_checkpointing=True, plugins=[SafeCheckpointIO()],

@@ -66,7 +66,7 @@ def test_offline_run_holds_the_config_metrics_and_samples(corpus_dir, tmp_path, 
         config.update(_items(record.config.update))
     assert config["rnnlm_version"]
     assert config["config"]["data"]["source"] == str(corpus_dir)
-    assert config["config"]["model"]["hidden_size"] == 16
+    assert config["config"]["model"]["config"]["hidden_size"] == 16
     assert config["parameters"] == sum(p.numel() for p in cli.model.parameters())
     assert config["data"]["splits"]["train"]["tokens"] == cli.datamodule.stats["train"]["tokens"]
     assert config["data"]["streams"] == 2 and config["data"]["tokenizer"] == "char"

@@ -124,7 +124,7 @@ def test_every_config_runs_end_to_end(config, corpus_dir, tmp_path, capsys):
     assert ckpt.is_file()
     out = capsys.readouterr().out
     assert "--- sample after 3 steps ---" in out
-    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked, never repeated by the user
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never repeated by the user
     if config.stem == "wikitext2_word_lstm":
         scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
         assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
