@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm import evaluate
+from rnnlm.averaging import NTASGD
 from rnnlm.cache import NeuralCache
-from rnnlm.callbacks import NTASGD
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
