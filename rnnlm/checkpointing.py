@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import threading
 import time
 import zipfile
@@ -22,10 +23,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins import TorchCheckpointIO
+
+from rnnlm.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or holding more than plain data."""
 
 
@@ -57,6 +60,12 @@ def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint {path!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive (ending in its central directory). Anything else would go to torch's
+        # legacy unpickler, which fails on arbitrary bytes with bare IndexError/KeyError/... rather than an error.
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise _unreadable(path, f"not a zip archive, as torch.save writes them; it begins with {head!r}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -67,7 +76,9 @@ def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
                 f"load files from sources you trust. (torch: {_first_line(err, 'GLOBAL')})"
             ) from None
         raise _unreadable(path, err) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, struct.error) as err:
+        raise _unreadable(path, err) from None
+    except (IndexError, KeyError, ValueError, TypeError) as err:  # what the unpickler makes of damaged bytes
         raise _unreadable(path, err) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path!r} is not a training checkpoint (it has no model weights).")
@@ -79,11 +90,12 @@ def _first_line(err: BaseException, containing: str = "") -> str:
     return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
 
 
-def _unreadable(path: str, err: BaseException) -> CheckpointError:
+def _unreadable(path: str, err: BaseException | str) -> CheckpointError:
+    why = err if isinstance(err, str) else f"{type(err).__name__}: {_first_line(err)}"
     return CheckpointError(
         f"Checkpoint {path!r} ({os.path.getsize(path):,} bytes) cannot be read: it is truncated or corrupt, or not a "
-        f"checkpoint ({type(err).__name__}: {_first_line(err)}). Nothing was changed; resume from another "
-        "checkpoint of the run (the folder keeps the best ones besides last.ckpt)."
+        f"checkpoint ({why}). Nothing was changed; resume from another checkpoint of the run (the folder keeps the "
+        "best ones besides last.ckpt)."
     )
 
 
