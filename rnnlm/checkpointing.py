@@ -23,7 +23,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 
 from rnnlm.errors import UserError
 
@@ -107,6 +108,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return load_safely(path, map_location if map_location is not None else "cpu")
+
+
+def with_safe_checkpoint_io(plugins: Any, strategy: Any = None) -> list:
+    """The Trainer's ``plugins`` with a :class:`SafeCheckpointIO` added, unless a checkpoint IO was chosen already.
+
+    A ``CheckpointIO`` among ``plugins`` is kept as it is, and so is one set on a ``Strategy`` object; a strategy
+    object that has none gets the safe one set on it (Lightning refuses a checkpoint IO in both places).
+    """
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        return plugins
+    if isinstance(strategy, Strategy):
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default it creates when none was given
+            strategy.checkpoint_io = SafeCheckpointIO()
+        return plugins
+    return [*plugins, SafeCheckpointIO()]
 
 
 class ResumableCheckpoints(L.Callback):

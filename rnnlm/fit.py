@@ -15,8 +15,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -26,9 +27,9 @@ from rnnlm.callbacks import TextSample
 from rnnlm.checkpointing import (
     CheckpointError,
     ResumableCheckpoints,
-    SafeCheckpointIO,
     TrainingInterrupted,
     load_safely,
+    with_safe_checkpoint_io,
 )
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
@@ -78,6 +79,12 @@ class RNNLMCLI(LightningCLI):
                 if args.get("save_dir") in (None, "."):
                     args.save_dir = config.trainer.default_root_dir or "runs"
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = self.config_init.trainer
+        # Atomic writes and weights_only reads, unless the user chose a checkpoint IO.
+        kwargs.setdefault("plugins", with_safe_checkpoint_io(trainer.get("plugins"), trainer.get("strategy")))
+        return super().instantiate_trainer(**kwargs)
+
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,8 +110,6 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = SafeCheckpointIO()  # atomic writes, weights_only reads
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import sigterm_once_training
+from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 
-from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
+from rnnlm import fit
+from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted, with_safe_checkpoint_io
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.streams import ChunkLoader
@@ -203,3 +206,22 @@ def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_
     assert b["global_step"] == total
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def test_the_cli_passes_safe_checkpoint_io_to_the_trainer_unless_one_was_chosen(corpus_dir, tmp_path):
+    def trainer(*extra: str) -> L.Trainer:
+        args = [*_cli_args(corpus_dir, tmp_path / "run", 1), *extra]
+        return fit.RNNLMCLI(LanguageModel, LMDataModule, run=False, args=args).trainer
+
+    assert type(trainer().strategy.checkpoint_io) is SafeCheckpointIO
+    environment = "lightning.pytorch.plugins.environments.LightningEnvironment"
+    assert type(trainer("--trainer.plugins", environment).strategy.checkpoint_io) is SafeCheckpointIO
+    chosen = trainer("--trainer.plugins+=lightning.pytorch.plugins.TorchCheckpointIO",
+                     f"--trainer.plugins+={environment}")
+    assert type(chosen.strategy.checkpoint_io) is TorchCheckpointIO, "the user's choice is kept"
+    # On a strategy object: set there when it has none (Lightning refuses one in both places), kept when it has one.
+    strategy = DDPStrategy(start_method="spawn")
+    assert with_safe_checkpoint_io(None, strategy) == [] and type(strategy.checkpoint_io) is SafeCheckpointIO
+    own = AsyncCheckpointIO()
+    assert with_safe_checkpoint_io(None, DDPStrategy(checkpoint_io=own)) == []
+    assert with_safe_checkpoint_io([own]) == [own]
