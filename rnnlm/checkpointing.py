@@ -6,7 +6,8 @@
   truncated or foreign file into a clear error.
 - :class:`ResumableCheckpoints` keeps ``last.ckpt`` fresh every N steps or minutes and, on SIGTERM (a scheduler's
   pre-emption) or Ctrl-C, finishes the current step, writes ``last.ckpt`` and stops with :class:`TrainingInterrupted`,
-  which says how to resume. A second signal stops at once.
+  which says how to resume. A second signal stops at once. With checkpointing off it stops the same way, saving
+  nothing.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ class CheckpointError(UserError):
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on a signal after writing a resumable checkpoint."""
+    """Training stopped on a signal after writing a resumable checkpoint (``path``; None with checkpointing off)."""
 
-    def __init__(self, signum: int, path: str, step: int) -> None:
+    def __init__(self, signum: int, path: str | None, step: int) -> None:
         self.signum, self.path, self.step = signum, path, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; resumable checkpoint: {path}")
+        saved = (f"resumable checkpoint: {path}" if path else
+                 "nothing was saved: checkpointing is off (trainer.enable_checkpointing=false), so the run cannot be "
+                 "resumed")  # fmt: skip
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}")
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
@@ -131,7 +135,9 @@ class ResumableCheckpoints(L.Callback):
 
     On SIGTERM or SIGINT (Ctrl-C) the step or validation pass under way finishes, ``last.ckpt`` is written and
     training stops with :class:`TrainingInterrupted`; a second signal stops at once. Under DDP the processes agree
-    on every save (one small all-reduce per step, the same cost as Lightning's own SIGTERM check).
+    on every save (one small all-reduce per step, the same cost as Lightning's own SIGTERM check). With checkpointing
+    off (``Trainer(enable_checkpointing=False)``) nothing is written: a signal still stops training cleanly, with
+    :class:`TrainingInterrupted` saying that the run cannot be resumed.
 
     Args:
         every_n_train_steps: also write it every N optimizer steps (None: off).
@@ -157,6 +163,7 @@ class ResumableCheckpoints(L.Callback):
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
         self._last_write = time.monotonic()
+        self._can_save = True  # False when the Trainer has checkpointing off
 
     # ----------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -164,13 +171,16 @@ class ResumableCheckpoints(L.Callback):
             self._restore_handlers()
             raise KeyboardInterrupt
         self._signal = signum
-        print(f"\nrnnlm: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "(signal again to stop at once)", flush=True)
+        then = "saving a checkpoint" if self._can_save else "stopping WITHOUT a checkpoint (checkpointing is off)"
+        print(f"\nrnnlm: {signal.Signals(signum).name} received: finishing this step, then {then} (signal again to "
+              "stop at once)", flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A SIGTERM that arrived while the data was prepared is in Lightning's flag: keep it.
         self._signal = signal.SIGTERM if trainer.received_sigterm else None
         self._last_write = time.monotonic()
+        # Lightning adds a ModelCheckpoint unless checkpointing is off, and refuses one when it is.
+        self._can_save = trainer.checkpoint_callback is not None
         # Replacing Lightning's SIGTERM handler also keeps a signal from aborting a validation pass half way.
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
@@ -206,6 +216,7 @@ class ResumableCheckpoints(L.Callback):
     def _maybe_save(self, trainer: L.Trainer, pl_module: L.LightningModule, due: bool) -> None:
         if self.every_n_minutes and time.monotonic() - self._last_write >= 60 * self.every_n_minutes:
             due = True
+        due = due and self._can_save
         stopping = self._signal is not None
         if trainer.world_size > 1:
             # Every process must take part in a save (the carried states are gathered): decide together.
@@ -214,6 +225,8 @@ class ResumableCheckpoints(L.Callback):
             due, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
         if not (due or stopping):
             return
+        if not self._can_save:
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, None, trainer.global_step)
         path = self.last_path(trainer)
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and hasattr(ckpt, "last_model_path"):

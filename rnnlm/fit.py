@@ -81,6 +81,8 @@ class RNNLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self.config_init.trainer
+        if trainer.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
+            self.parser.callback_keys = [key for key in self.parser.callback_keys if key != "checkpoint"]
         # Atomic writes and weights_only reads, unless the user chose a checkpoint IO.
         kwargs.setdefault("plugins", with_safe_checkpoint_io(trainer.get("plugins"), trainer.get("strategy")))
         return super().instantiate_trainer(**kwargs)
@@ -120,8 +122,10 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
-            command = _resume_command(args, stop.path)
-            print(f"rnnlm: {stop}\nrnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
+            print(f"rnnlm: {stop}", flush=True)
+            if stop.path:
+                command = _resume_command(args, stop.path)
+                print(f"rnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
         raise SystemExit(128 + stop.signum) from None
     except (NonFiniteLossError, CheckpointError) as err:
         if trainer.is_global_zero:

@@ -208,6 +208,30 @@ def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_
         assert torch.equal(tensor, b["state_dict"][name]), name
 
 
+def _checkpointing_off(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [*_cli_args(corpus, out, 1), "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "6",
+            "--trainer.val_check_interval", "3", *extra]  # fmt: skip
+
+
+def test_checkpointing_off_trains_without_checkpoints_and_a_signal_stops_unsaved(corpus_dir, tmp_path, capsys):
+    """--trainer.enable_checkpointing false (the CLI added its ModelCheckpoint anyway, which Lightning refused)."""
+    cli = fit.main(_checkpointing_off(corpus_dir, tmp_path / "off", "--test_after_fit", "true"))
+    assert cli.trainer.checkpoint_callback is None and cli.trainer.global_step == 6
+    assert "test/loss" in cli.trainer.callback_metrics, "the final weights were tested (there is no best checkpoint)"
+    assert not list(tmp_path.rglob("*.ckpt"))
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as stop:
+        fit.main(_checkpointing_off(corpus_dir, tmp_path / "stopped", "--trainer.callbacks+=test_resume.SignalAt",
+                                    "--trainer.callbacks.step", "3", "--trainer.callbacks.signum", "15"))  # fmt: skip
+    assert stop.value.code == 128 + signal.SIGTERM
+    log = capsys.readouterr().out
+    assert "SIGTERM received: finishing this step, then stopping WITHOUT a checkpoint" in log
+    assert "stopped by SIGTERM after step 3; nothing was saved: checkpointing is off" in log
+    assert "--ckpt_path" not in log
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_the_cli_passes_safe_checkpoint_io_to_the_trainer_unless_one_was_chosen(corpus_dir, tmp_path):
     def trainer(*extra: str) -> L.Trainer:
         args = [*_cli_args(corpus_dir, tmp_path / "run", 1), *extra]
