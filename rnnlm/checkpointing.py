@@ -139,6 +139,15 @@ class ResumableCheckpoints(L.Callback):
     off (``Trainer(enable_checkpointing=False)``) nothing is written: a signal still stops training cleanly, with
     :class:`TrainingInterrupted` saying that the run cannot be resumed.
 
+    ``last.ckpt`` is the file the Trainer's ``ModelCheckpoint(save_last=True)`` writes too: give that one
+    ``enable_version_counter=False`` (the CLI does), or it versions its own to ``last-v1.ckpt`` when it finds ours.
+
+    The periodic saves are this callback's rather than a second ``ModelCheckpoint(every_n_train_steps=...,
+    train_time_interval=..., save_last=True)``: one ``ModelCheckpoint`` takes only one of the two triggers; its timer
+    can fire between the micro-batches of an accumulated step (a checkpoint that loses their gradients); and under
+    DDP it decides with a ``broadcast_object_list`` on every batch, besides the all-reduce the signal needs, which
+    here carries both decisions.
+
     Args:
         every_n_train_steps: also write it every N optimizer steps (None: off).
         every_n_minutes: also write it when this many minutes have passed since the last write (None: off).
@@ -228,9 +237,6 @@ class ResumableCheckpoints(L.Callback):
         if not self._can_save:
             raise TrainingInterrupted(self._signal or signal.SIGTERM, None, trainer.global_step)
         path = self.last_path(trainer)
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and hasattr(ckpt, "last_model_path"):
-            ckpt.last_model_path = path  # so ModelCheckpoint keeps writing this file rather than a new version
         trainer.save_checkpoint(path, weights_only=False)  # the full state: weights, optimizer, loops
         self._last_write = time.monotonic()
         if stopping:

@@ -57,6 +57,8 @@ class RNNLMCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch}-step{step}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # --resumable writes last.ckpt too: one file, not last-v1.ckpt beside it.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(ResumableCheckpoints, "resumable")

@@ -249,3 +249,11 @@ def test_the_cli_passes_safe_checkpoint_io_to_the_trainer_unless_one_was_chosen(
     own = AsyncCheckpointIO()
     assert with_safe_checkpoint_io(None, DDPStrategy(checkpoint_io=own)) == []
     assert with_safe_checkpoint_io([own]) == [own]
+
+
+def test_one_last_checkpoint_whoever_writes_it(corpus_dir, tmp_path):
+    """--resumable and --checkpoint both write last.ckpt: one file, holding the latest state, never last-v1.ckpt."""
+    out = tmp_path / "run"
+    fit.main([*_cli_args(corpus_dir, out, 1), "--trainer.max_steps", "6", "--trainer.val_check_interval", "5"])
+    assert sorted(p.name for p in (out / "ckpt").glob("last*")) == ["last.ckpt"]
+    assert torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
