@@ -22,6 +22,7 @@ from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from rnnlm import fit
+from rnnlm.averaging import NTASGD
 from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted, with_safe_checkpoint_io
 from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
@@ -257,3 +258,39 @@ def test_one_last_checkpoint_whoever_writes_it(corpus_dir, tmp_path):
     fit.main([*_cli_args(corpus_dir, out, 1), "--trainer.max_steps", "6", "--trainer.val_check_interval", "5"])
     assert sorted(p.name for p in (out / "ckpt").glob("last*")) == ["last.ckpt"]
     assert torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+class TriggerAtFirstCheck(NTASGD):
+    @staticmethod
+    def should_start(history, loss, patience):
+        return len(history) == 0
+
+
+def test_ntasgd_stopped_mid_averaging_resumes_exactly(corpus_dir, tmp_path, capsys):
+    """Averages, count and training weights all travel in last.ckpt: the resumed run ends like the uninterrupted one."""
+    ntasgd = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--model.hidden_size", "16",
+              "--model.embedding_dim", "8", "--optimizer", "torch.optim.SGD", "--optimizer.lr", "1.0",
+              "--optimizer.momentum", "0.5", "--trainer.callbacks+=test_resume.TriggerAtFirstCheck"]  # fmt: skip
+    fit.main([*_cli_args(corpus_dir, tmp_path / "ref", 1), *ntasgd])
+    cut = [*_cli_args(corpus_dir, tmp_path / "cut", 1), *ntasgd]
+    with pytest.raises(SystemExit):
+        fit.main([*cut, "--trainer.callbacks+=test_resume.SignalAt", "--trainer.callbacks.step", "17",
+                  "--trainer.callbacks.signum", "15"])  # fmt: skip
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 17 and int(saved["averaging_state"]["n_averaged"]) == 7
+
+    # The hand-written NTASGD kept the training weights in its own state: such a checkpoint is refused, not misread.
+    old = {k: v for k, v in saved.items() if k not in ("current_model_state", "averaging_state")}
+    torch.save(old, tmp_path / "old.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        fit.main([*cut, "--ckpt_path", str(tmp_path / "old.ckpt")])
+    assert refused.value.code == 1 and "earlier rnnlm" in capsys.readouterr().err
+
+    fit.main([*cut, "--ckpt_path", "last"])
+    a, b = (torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (tmp_path / "ref", tmp_path / "cut"))
+    assert a["global_step"] == b["global_step"] == 30 and int(b["averaging_state"]["n_averaged"]) == 20
+    for key in ("state_dict", "current_model_state"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
