@@ -6,7 +6,8 @@
   truncated or foreign file into a clear error.
 - :class:`ResumableCheckpoints` keeps ``last.ckpt`` fresh every N steps or minutes and, on SIGTERM (a scheduler's
   pre-emption) or Ctrl-C, finishes the current step, writes ``last.ckpt`` and stops with :class:`TrainingInterrupted`,
-  which says how to resume. A second signal stops at once.
+  which says how to resume. A second signal stops at once. With checkpointing off it stops the same way, saving
+  nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import threading
 import time
 import zipfile
@@ -22,19 +24,25 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
+
+from rnnlm.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or holding more than plain data."""
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on a signal after writing a resumable checkpoint."""
+    """Training stopped on a signal after writing a resumable checkpoint (``path``; None with checkpointing off)."""
 
-    def __init__(self, signum: int, path: str, step: int) -> None:
+    def __init__(self, signum: int, path: str | None, step: int) -> None:
         self.signum, self.path, self.step = signum, path, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; resumable checkpoint: {path}")
+        saved = (f"resumable checkpoint: {path}" if path else
+                 "nothing was saved: checkpointing is off (trainer.enable_checkpointing=false), so the run cannot be "
+                 "resumed")  # fmt: skip
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}")
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
@@ -52,6 +60,12 @@ def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint {path!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive (ending in its central directory). Anything else would go to torch's
+        # legacy unpickler, which fails on arbitrary bytes with bare IndexError/KeyError/... rather than an error.
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise _unreadable(path, f"not a zip archive, as torch.save writes them; it begins with {head!r}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -62,7 +76,9 @@ def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
                 f"load files from sources you trust. (torch: {_first_line(err, 'GLOBAL')})"
             ) from None
         raise _unreadable(path, err) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, struct.error) as err:
+        raise _unreadable(path, err) from None
+    except (IndexError, KeyError, ValueError, TypeError) as err:  # what the unpickler makes of damaged bytes
         raise _unreadable(path, err) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path!r} is not a training checkpoint (it has no model weights).")
@@ -74,11 +90,12 @@ def _first_line(err: BaseException, containing: str = "") -> str:
     return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
 
 
-def _unreadable(path: str, err: BaseException) -> CheckpointError:
+def _unreadable(path: str, err: BaseException | str) -> CheckpointError:
+    why = err if isinstance(err, str) else f"{type(err).__name__}: {_first_line(err)}"
     return CheckpointError(
         f"Checkpoint {path!r} ({os.path.getsize(path):,} bytes) cannot be read: it is truncated or corrupt, or not a "
-        f"checkpoint ({type(err).__name__}: {_first_line(err)}). Nothing was changed; resume from another "
-        "checkpoint of the run (the folder keeps the best ones besides last.ckpt)."
+        f"checkpoint ({why}). Nothing was changed; resume from another checkpoint of the run (the folder keeps the "
+        "best ones besides last.ckpt)."
     )
 
 
@@ -92,12 +109,39 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_safely(path, map_location if map_location is not None else "cpu")
 
 
+def with_safe_checkpoint_io(plugins: Any, strategy: Any = None) -> list:
+    """The Trainer's ``plugins`` with a :class:`SafeCheckpointIO` added, unless a checkpoint IO was chosen already.
+
+    A ``CheckpointIO`` among ``plugins`` is kept as it is, and so is one set on a ``Strategy`` object; a strategy
+    object that has none gets the safe one set on it (Lightning refuses a checkpoint IO in both places).
+    """
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        return plugins
+    if isinstance(strategy, Strategy):
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default it creates when none was given
+            strategy.checkpoint_io = SafeCheckpointIO()
+        return plugins
+    return [*plugins, SafeCheckpointIO()]
+
+
 class ResumableCheckpoints(L.Callback):
     """Keeps a resumable ``last.ckpt`` beside the other checkpoints, and writes it when the run is interrupted.
 
     On SIGTERM or SIGINT (Ctrl-C) the step or validation pass under way finishes, ``last.ckpt`` is written and
     training stops with :class:`TrainingInterrupted`; a second signal stops at once. Under DDP the processes agree
-    on every save (one small all-reduce per step, the same cost as Lightning's own SIGTERM check).
+    on every save (one small all-reduce per step, the same cost as Lightning's own SIGTERM check). With checkpointing
+    off (``Trainer(enable_checkpointing=False)``) nothing is written: a signal still stops training cleanly, with
+    :class:`TrainingInterrupted` saying that the run cannot be resumed.
+
+    ``last.ckpt`` is the file the Trainer's ``ModelCheckpoint(save_last=True)`` writes too: give that one
+    ``enable_version_counter=False`` (the CLI does), or it versions its own to ``last-v1.ckpt`` when it finds ours.
+
+    The periodic saves are this callback's rather than a second ``ModelCheckpoint(every_n_train_steps=...,
+    train_time_interval=..., save_last=True)``: one ``ModelCheckpoint`` takes only one of the two triggers; its timer
+    can fire between the micro-batches of an accumulated step (a checkpoint that loses their gradients); and under
+    DDP it decides with a ``broadcast_object_list`` on every batch, besides the all-reduce the signal needs, which
+    here carries both decisions.
 
     Args:
         every_n_train_steps: also write it every N optimizer steps (None: off).
@@ -123,6 +167,7 @@ class ResumableCheckpoints(L.Callback):
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
         self._last_write = time.monotonic()
+        self._can_save = True  # False when the Trainer has checkpointing off
 
     # ----------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -130,13 +175,16 @@ class ResumableCheckpoints(L.Callback):
             self._restore_handlers()
             raise KeyboardInterrupt
         self._signal = signum
-        print(f"\nrnnlm: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "(signal again to stop at once)", flush=True)
+        then = "saving a checkpoint" if self._can_save else "stopping WITHOUT a checkpoint (checkpointing is off)"
+        print(f"\nrnnlm: {signal.Signals(signum).name} received: finishing this step, then {then} (signal again to "
+              "stop at once)", flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A SIGTERM that arrived while the data was prepared is in Lightning's flag: keep it.
         self._signal = signal.SIGTERM if trainer.received_sigterm else None
         self._last_write = time.monotonic()
+        # Lightning adds a ModelCheckpoint unless checkpointing is off, and refuses one when it is.
+        self._can_save = trainer.checkpoint_callback is not None
         # Replacing Lightning's SIGTERM handler also keeps a signal from aborting a validation pass half way.
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
@@ -172,6 +220,7 @@ class ResumableCheckpoints(L.Callback):
     def _maybe_save(self, trainer: L.Trainer, pl_module: L.LightningModule, due: bool) -> None:
         if self.every_n_minutes and time.monotonic() - self._last_write >= 60 * self.every_n_minutes:
             due = True
+        due = due and self._can_save
         stopping = self._signal is not None
         if trainer.world_size > 1:
             # Every process must take part in a save (the carried states are gathered): decide together.
@@ -180,10 +229,9 @@ class ResumableCheckpoints(L.Callback):
             due, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
         if not (due or stopping):
             return
+        if not self._can_save:
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, None, trainer.global_step)
         path = self.last_path(trainer)
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and hasattr(ckpt, "last_model_path"):
-            ckpt.last_model_path = path  # so ModelCheckpoint keeps writing this file rather than a new version
         trainer.save_checkpoint(path, weights_only=False)  # the full state: weights, optimizer, loops
         self._last_write = time.monotonic()
         if stopping:

@@ -15,8 +15,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -26,9 +27,9 @@ from rnnlm.callbacks import TextSample
 from rnnlm.checkpointing import (
     CheckpointError,
     ResumableCheckpoints,
-    SafeCheckpointIO,
     TrainingInterrupted,
     load_safely,
+    with_safe_checkpoint_io,
 )
 from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
@@ -60,6 +61,8 @@ class RNNLMCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch}-step{step}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # --resumable writes last.ckpt too: one file, not last-v1.ckpt beside it.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
@@ -86,6 +89,14 @@ class RNNLMCLI(LightningCLI):
                 if args.get("save_dir") in (None, "."):
                     args.save_dir = config.trainer.default_root_dir or "runs"
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = self.config_init.trainer
+        if trainer.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
+            self.parser.callback_keys = [key for key in self.parser.callback_keys if key != "checkpoint"]
+        # Atomic writes and weights_only reads, unless the user chose a checkpoint IO.
+        kwargs.setdefault("plugins", with_safe_checkpoint_io(trainer.get("plugins"), trainer.get("strategy")))
+        return super().instantiate_trainer(**kwargs)
+
 
 def main(args: list[str] | None = None) -> RNNLMCLI:
     default_tokenizers_parallelism()
@@ -111,8 +122,6 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = SafeCheckpointIO()  # atomic writes, weights_only reads
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
@@ -123,8 +132,10 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
-            command = _resume_command(args, stop.path)
-            print(f"rnnlm: {stop}\nrnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
+            print(f"rnnlm: {stop}", flush=True)
+            if stop.path:
+                command = _resume_command(args, stop.path)
+                print(f"rnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
         raise SystemExit(128 + stop.signum) from None
     except (NonFiniteLossError, CheckpointError) as err:
         if trainer.is_global_zero:

@@ -15,7 +15,7 @@ from conftest import tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.callbacks import NTASGD
+from rnnlm.averaging import NTASGD
 from rnnlm.config import RNNLMConfig
 from rnnlm.lm import LanguageModel
 from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state

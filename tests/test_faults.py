@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from rnnlm import evaluate, fit
 from rnnlm.checkpointing import CheckpointError, SafeCheckpointIO, load_safely, save_atomically
 from rnnlm.config import RNNLMConfig
 from rnnlm.data import LMDataModule
+from rnnlm.errors import UserError
 from rnnlm.lm import LanguageModel
 from rnnlm.sources import DataError
 from rnnlm.training import NonFiniteGuard, NonFiniteLossError
@@ -83,6 +85,28 @@ def test_garbage_and_missing_checkpoints(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_safely(tmp_path / "other.ckpt")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_reported(tmp_path):
+    """Bytes that are not a zip archive went to torch's legacy unpickler, which failed with a bare IndexError
+    ("abc") or KeyError (plain text); damaged pickle bytes inside a zip archive did the same."""
+    tiny = tmp_path / "tiny.ckpt"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(not a zip archive.*b'abc'"):
+        load_safely(tiny)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        evaluate.main(["--checkpoint", str(tiny)])
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_safely(tmp_path / "notes.txt")
+
+    torch.save({"state_dict": {"w": torch.ones(3)}}, tmp_path / "good.ckpt")
+    with zipfile.ZipFile(tmp_path / "good.ckpt") as good, zipfile.ZipFile(tmp_path / "bad.ckpt", "w") as bad:
+        for name in good.namelist():
+            bad.writestr(name, b"abc" if name.endswith("data.pkl") else good.read(name))
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt.*IndexError"):
+        load_safely(tmp_path / "bad.ckpt")
+    assert issubclass(CheckpointError, UserError)  # the entry points report it as a message, not a traceback
 
 
 class _Payload:

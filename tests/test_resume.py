@@ -17,9 +17,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIT, fit_args, sigterm_once_training, tiny_data, tiny_trainer
+from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 
-from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted
+from rnnlm import fit
+from rnnlm.averaging import NTASGD
+from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO, TrainingInterrupted, with_safe_checkpoint_io
 from rnnlm.config import RNNLMConfig
+from rnnlm.data import LMDataModule
 from rnnlm.lm import LanguageModel
 from rnnlm.streams import ChunkLoader
 
@@ -197,3 +202,90 @@ def test_sigterm_from_outside_stops_cleanly_and_resumes_exactly(corpus_dir, tmp_
     assert b["global_step"] == total
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def _checkpointing_off(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [*_cli_args(corpus, out, 1), "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "6",
+            "--trainer.val_check_interval", "3", *extra]  # fmt: skip
+
+
+def test_checkpointing_off_trains_without_checkpoints_and_a_signal_stops_unsaved(corpus_dir, tmp_path, capsys):
+    """--trainer.enable_checkpointing false (the CLI added its ModelCheckpoint anyway, which Lightning refused)."""
+    cli = fit.main(_checkpointing_off(corpus_dir, tmp_path / "off", "--test_after_fit", "true"))
+    assert cli.trainer.checkpoint_callback is None and cli.trainer.global_step == 6
+    assert "test/loss" in cli.trainer.callback_metrics, "the final weights were tested (there is no best checkpoint)"
+    assert not list(tmp_path.rglob("*.ckpt"))
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as stop:
+        fit.main(_checkpointing_off(corpus_dir, tmp_path / "stopped", "--trainer.callbacks+=test_resume.SignalAt",
+                                    "--trainer.callbacks.step", "3", "--trainer.callbacks.signum", "15"))  # fmt: skip
+    assert stop.value.code == 128 + signal.SIGTERM
+    log = capsys.readouterr().out
+    assert "SIGTERM received: finishing this step, then stopping WITHOUT a checkpoint" in log
+    assert "stopped by SIGTERM after step 3; nothing was saved: checkpointing is off" in log
+    assert "--ckpt_path" not in log
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_cli_passes_safe_checkpoint_io_to_the_trainer_unless_one_was_chosen(corpus_dir, tmp_path):
+    def trainer(*extra: str) -> L.Trainer:
+        args = [*_cli_args(corpus_dir, tmp_path / "run", 1), *extra]
+        return fit.RNNLMCLI(LanguageModel, LMDataModule, run=False, args=args).trainer
+
+    assert type(trainer().strategy.checkpoint_io) is SafeCheckpointIO
+    environment = "lightning.pytorch.plugins.environments.LightningEnvironment"
+    assert type(trainer("--trainer.plugins", environment).strategy.checkpoint_io) is SafeCheckpointIO
+    chosen = trainer("--trainer.plugins+=lightning.pytorch.plugins.TorchCheckpointIO",
+                     f"--trainer.plugins+={environment}")
+    assert type(chosen.strategy.checkpoint_io) is TorchCheckpointIO, "the user's choice is kept"
+    # On a strategy object: set there when it has none (Lightning refuses one in both places), kept when it has one.
+    strategy = DDPStrategy(start_method="spawn")
+    assert with_safe_checkpoint_io(None, strategy) == [] and type(strategy.checkpoint_io) is SafeCheckpointIO
+    own = AsyncCheckpointIO()
+    assert with_safe_checkpoint_io(None, DDPStrategy(checkpoint_io=own)) == []
+    assert with_safe_checkpoint_io([own]) == [own]
+
+
+def test_one_last_checkpoint_whoever_writes_it(corpus_dir, tmp_path):
+    """--resumable and --checkpoint both write last.ckpt: one file, holding the latest state, never last-v1.ckpt."""
+    out = tmp_path / "run"
+    fit.main([*_cli_args(corpus_dir, out, 1), "--trainer.max_steps", "6", "--trainer.val_check_interval", "5"])
+    assert sorted(p.name for p in (out / "ckpt").glob("last*")) == ["last.ckpt"]
+    assert torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+class TriggerAtFirstCheck(NTASGD):
+    @staticmethod
+    def should_start(history, loss, patience):
+        return len(history) == 0
+
+
+def test_ntasgd_stopped_mid_averaging_resumes_exactly(corpus_dir, tmp_path, capsys):
+    """Averages, count and training weights all travel in last.ckpt: the resumed run ends like the uninterrupted one."""
+    ntasgd = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--model.config.hidden_size", "16",
+              "--model.config.embedding_dim", "8", "--optimizer", "torch.optim.SGD", "--optimizer.lr", "1.0",
+              "--optimizer.momentum", "0.5", "--trainer.callbacks+=test_resume.TriggerAtFirstCheck"]  # fmt: skip
+    fit.main([*_cli_args(corpus_dir, tmp_path / "ref", 1), *ntasgd])
+    cut = [*_cli_args(corpus_dir, tmp_path / "cut", 1), *ntasgd]
+    with pytest.raises(SystemExit):
+        fit.main([*cut, "--trainer.callbacks+=test_resume.SignalAt", "--trainer.callbacks.step", "17",
+                  "--trainer.callbacks.signum", "15"])  # fmt: skip
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 17 and int(saved["averaging_state"]["n_averaged"]) == 7
+
+    # The hand-written NTASGD kept the training weights in its own state: such a checkpoint is refused, not misread.
+    old = {k: v for k, v in saved.items() if k not in ("current_model_state", "averaging_state")}
+    torch.save(old, tmp_path / "old.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        fit.main([*cut, "--ckpt_path", str(tmp_path / "old.ckpt")])
+    assert refused.value.code == 1 and "earlier rnnlm" in capsys.readouterr().err
+
+    fit.main([*cut, "--ckpt_path", "last"])
+    a, b = (torch.load(run / "ckpt" / "last.ckpt", weights_only=True) for run in (tmp_path / "ref", tmp_path / "cut"))
+    assert a["global_step"] == b["global_step"] == 30 and int(b["averaging_state"]["n_averaged"]) == 20
+    for key in ("state_dict", "current_model_state"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
