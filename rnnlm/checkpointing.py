@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 
-from rnnlm.errors import UserError
+from rnnlm.errors import ConfigError, UserError, check_positive_int
 
 
 class CheckpointError(UserError):
@@ -157,10 +157,10 @@ class ResumableCheckpoints(L.Callback):
         every_n_minutes: float | None = 30.0,
         handle_signals: bool = True,
     ) -> None:
-        if every_n_train_steps is not None and every_n_train_steps <= 0:
-            raise ValueError(f"every_n_train_steps must be a positive integer or null, got {every_n_train_steps}.")
-        if every_n_minutes is not None and every_n_minutes <= 0:
-            raise ValueError(f"every_n_minutes must be positive or null, got {every_n_minutes}.")
+        if every_n_train_steps is not None:
+            check_positive_int("resumable.every_n_train_steps", every_n_train_steps)
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise ConfigError(f"resumable.every_n_minutes must be positive or null, got {every_n_minutes}.")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_minutes = every_n_minutes
         self.handle_signals = handle_signals

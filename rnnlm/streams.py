@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rnnlm.errors import ConfigError
+
 
 def cut_streams(ids: np.ndarray, num_streams: int) -> np.ndarray:
     """View ``ids`` as ``[num_streams, L]`` contiguous rows (no copy; the ragged tail is dropped)."""
@@ -163,7 +165,7 @@ class ChunkLoader:
             return
         saved = {k: state.get(k) for k in self.layout()}
         if saved != self.layout():
-            raise ValueError(
+            raise ConfigError(
                 f"Cannot resume mid-epoch: the checkpoint was written at chunk {position} of streams laid out as "
                 f"{saved}, but this run cuts the data into {self.layout()} (rows per process, tokens per row, chunk "
                 "length). Resume with the same data, data.batch_size, data.bptt and number of processes, or resume "
