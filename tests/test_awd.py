@@ -357,7 +357,9 @@ def test_evaluate_with_pointer_reports_both_perplexities(corpus_dir, tmp_path, c
     trainer.save_checkpoint(ckpt)
     plain = evaluate.evaluate(str(ckpt), "test", accelerator="cpu")
     off = evaluate.evaluate(str(ckpt), "test", accelerator="cpu", pointer_window=50, pointer_lambda=0.0)
-    assert off["loss"] == pytest.approx(plain["loss"], rel=1e-5)  # the same plain pass as the Trainer's test
+    assert off["loss"] == pytest.approx(plain["loss"], rel=1e-5)  # the log-softmax path = the loss path
+    tested = tiny_trainer(tmp_path / "t").test(model, datamodule=data, verbose=False)[0]
+    assert plain["loss"] == pytest.approx(tested["test/loss"], rel=1e-5)  # rnnlm.evaluate == the Trainer's test
     assert off["pointer_loss"] == pytest.approx(off["loss"], rel=1e-6)
     result = evaluate.main(["--checkpoint", str(ckpt), "--pointer_window", "100", "--pointer_theta", "0.5",
                             "--pointer_lambda", "0.2"])

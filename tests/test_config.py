@@ -139,6 +139,7 @@ def test_old_model_setting_paths_get_a_clear_error(corpus_dir, tmp_path):
         fit_main(["--config", str(old)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["rnnlm.generate", "rnnlm.evaluate"])
 def test_entry_points_report_a_bad_checkpoint_without_a_traceback(tmp_path, command):
     bad = tmp_path / "bad.ckpt"
