@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
-from rnnlm.checkpointing import CheckpointError
 from rnnlm.errors import ConfigError
+from rnnlm.files import CheckpointError
 
 
 class NTASGD(WeightAveraging):

@@ -1,4 +1,5 @@
-"""Writing files so that a reader sees either the old file or the complete new one, never half of it.
+"""Writing files so that a reader sees either the old file or the complete new one, never half of it; and reading
+checkpoints so that loading one runs no code.
 
 Every file rnnlm writes for later runs (token ids and their record, tokenizers, checkpoints, the built-in corpus)
 goes through here: the content is written to a temporary file beside the target, flushed to disk, and renamed over
@@ -10,10 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import secrets
+import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
+
+from rnnlm.errors import UserError
 
 
 @contextlib.contextmanager
@@ -51,3 +59,60 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Replace ``path`` by ``data`` (a ``str`` is written as UTF-8) in one step."""
     with atomic_open(path, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or holding more than plain data."""
+
+
+def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` so that readers only ever see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as f:
+        torch.save(checkpoint, f)
+
+
+def load_safely(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``, explaining what is wrong when it cannot be used."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {path!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive (ending in its central directory). Anything else would go to torch's
+        # legacy unpickler, which fails on arbitrary bytes with bare IndexError/KeyError/... rather than an error.
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise _unreadable(path, f"not a zip archive, as torch.save writes them; it begins with {head!r}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # it names a function or class to call: what a code payload needs
+            raise CheckpointError(
+                f"Refused to load {path!r}: it asks to import and call Python objects other than tensors and plain "
+                "types, which could run code while loading. rnnlm checkpoints never contain such objects; only "
+                f"load files from sources you trust. (torch: {_first_line(err, 'GLOBAL')})"
+            ) from None
+        raise _unreadable(path, err) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, struct.error) as err:
+        raise _unreadable(path, err) from None
+    except (IndexError, KeyError, ValueError, TypeError) as err:  # what the unpickler makes of damaged bytes
+        raise _unreadable(path, err) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not a training checkpoint (it has no model weights).")
+    return checkpoint
+
+
+def _first_line(err: BaseException, containing: str = "") -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if containing and containing in line), lines[0] if lines else "")
+
+
+def _unreadable(path: str, err: BaseException | str) -> CheckpointError:
+    why = err if isinstance(err, str) else f"{type(err).__name__}: {_first_line(err)}"
+    return CheckpointError(
+        f"Checkpoint {path!r} ({os.path.getsize(path):,} bytes) cannot be read: it is truncated or corrupt, or not a "
+        f"checkpoint ({why}). Nothing was changed; resume from another checkpoint of the run (the folder keeps the "
+        "best ones besides last.ckpt)."
+    )

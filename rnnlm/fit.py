@@ -24,17 +24,12 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm import __version__
 from rnnlm.callbacks import TextSample
-from rnnlm.checkpointing import (
-    CheckpointError,
-    ResumableCheckpoints,
-    TrainingInterrupted,
-    load_safely,
-    with_safe_checkpoint_io,
-)
+from rnnlm.checkpointing import ResumableCheckpoints, TrainingInterrupted, with_safe_checkpoint_io
 from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.errors import ConfigError, run_main
+from rnnlm.files import CheckpointError, load_safely
 from rnnlm.lm import LanguageModel
 from rnnlm.tokenization import default_tokenizers_parallelism
 from rnnlm.tracking import choose_wandb_mode

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
-from rnnlm.checkpointing import CheckpointError, load_safely
 from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
+from rnnlm.files import CheckpointError, load_safely
 from rnnlm.model import RNNLM
 from rnnlm.tokenization import Encoder
 

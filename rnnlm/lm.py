@@ -22,9 +22,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rnnlm import __version__
-from rnnlm.checkpointing import CheckpointError
 from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
+from rnnlm.files import CheckpointError
 from rnnlm.inference import config_of_checkpoint
 from rnnlm.model import DIRECTIONS, RNNLM, Output, State, detach_state, map_state, state_batch_size
 from rnnlm.streams import ChunkLoader

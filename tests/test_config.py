@@ -151,3 +151,11 @@ def test_entry_points_report_a_bad_checkpoint_without_a_traceback(tmp_path, comm
     debug = subprocess.run([sys.executable, "-m", command, "--checkpoint", str(bad)], capture_output=True,
                            text=True, timeout=120, env={**os.environ, "RNNLM_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_loading_and_sampling_need_no_lightning(corpus_dir, tmp_path):
+    """rnnlm.load and the model import neither Lightning nor the training code."""
+    code = ("import sys, rnnlm; from rnnlm.inference import load, sample; "
+            "assert not any(m == 'lightning' or m.startswith(('lightning.', 'rnnlm.lm')) for m in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -18,10 +18,11 @@ from conftest import fit_args, make_text, tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate, fit
-from rnnlm.checkpointing import CheckpointError, SafeCheckpointIO, load_safely, save_atomically
+from rnnlm.checkpointing import SafeCheckpointIO
 from rnnlm.config import RNNLMConfig
 from rnnlm.data import LMDataModule
 from rnnlm.errors import UserError
+from rnnlm.files import CheckpointError, load_safely, save_atomically
 from rnnlm.lm import LanguageModel
 from rnnlm.sources import DataError
 from rnnlm.training import NonFiniteGuard, NonFiniteLossError
