@@ -17,15 +17,16 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from rnnlm.config import RNNLMConfig
 from rnnlm.model import RNNLM, detach_state
 
 
 def time_variant(name: str, args: argparse.Namespace, device: torch.device, **model_kwargs) -> dict:
     torch.manual_seed(0)
-    model = RNNLM(args.vocab, num_layers=args.layers, embedding_dim=args.hidden, hidden_size=args.hidden,
-                  **model_kwargs).to(device)
+    config = RNNLMConfig(args.vocab, num_layers=args.layers, embedding_dim=args.hidden, hidden_size=args.hidden,
+                         **model_kwargs)
+    model = RNNLM(config).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     ids = torch.randint(0, args.vocab, (args.steps + args.warmup, args.batch, args.bptt + 1), device=device)
     state = None
@@ -37,9 +38,9 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, **mo
                     torch.cuda.synchronize()
                 start = time.perf_counter()
             x, y = ids[step, :, :-1], ids[step, :, 1:]
-            logits, state = model(x, state)
-            state = detach_state(state)
-            loss = F.cross_entropy(logits.reshape(-1, args.vocab), y.reshape(-1))
+            out = model(x, y, state)
+            state = detach_state(out.state)
+            loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -53,7 +54,7 @@ def time_variant(name: str, args: argparse.Namespace, device: torch.device, **mo
         "tokens_per_s": round(args.steps * args.batch * args.bptt / seconds),
         "ms_per_step": round(1000 * seconds / args.steps, 2),
         "repack_warnings": len(repack),
-        "runs_layer_by_layer": model.per_layer,
+        "runs_layer_by_layer": config.per_layer,
     }
 
 
