@@ -51,6 +51,11 @@ class RNNLMConfig:
         dropout_words: embedding dropout (``dropoute``): drop whole words, the same word everywhere in a chunk.
         weight_drop: DropConnect on the hidden-to-hidden weights (``wdrop``), one mask per chunk.
         locked_dropout: make the three dropouts above variational (one mask per sequence for the whole chunk).
+        loss_block_rows: how the full softmax computes its loss: in blocks of this many positions, each block's
+            logits turned into its loss and gradients at once and dropped (:mod:`rnnlm.head`; the same numbers, a
+            fraction of the memory, faster on a CPU), or ``0`` for the plain ``F.linear`` + ``F.cross_entropy``
+            over the full logits; ``None`` (default) chooses by vocabulary size and device
+            (:func:`~rnnlm.head.auto_block_rows`). It changes no weight, so it is not part of the architecture.
     """
 
     vocab_size: int
@@ -72,6 +77,7 @@ class RNNLMConfig:
     dropout_words: float = 0.0
     weight_drop: float = 0.0
     locked_dropout: bool = False
+    loss_block_rows: int | None = None
     format_version: int = field(default=FORMAT_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +111,18 @@ class RNNLMConfig:
                 "tie_weights needs an embedding table to share, but input_mode='one_hot' has none; "
                 "use input_mode='embedding' or tie_weights=false."
             )
+        if self.loss_block_rows is not None:
+            rows = self.loss_block_rows
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                raise ConfigError(
+                    f"loss_block_rows must be a whole number >= 0 (rows per block of the fused softmax head; 0 for "
+                    f"the plain head) or null to choose automatically, got {rows!r}."
+                )
+            if rows > 0 and self.output != "softmax":
+                raise ConfigError(
+                    f"loss_block_rows={rows} sets the fused head of the full softmax, but output={self.output!r} "
+                    "computes its loss its own way: remove loss_block_rows (or set output='softmax')."
+                )
         if self.output == "adaptive":
             self._check_adaptive()
 
@@ -165,11 +183,11 @@ class RNNLMConfig:
         return len(set(self.layer_sizes)) > 1 or self.weight_drop > 0 or locked_between
 
     def architecture(self) -> dict:
-        """The settings that give the weights their shapes and meaning (dropouts excluded): two models can share
-        weights exactly when these agree."""
-        dropouts = {"dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop",
-                    "locked_dropout", "format_version"}
-        return {k: v for k, v in self.to_dict().items() if k not in dropouts}
+        """The settings that give the weights their shapes and meaning (dropouts and how the loss is computed
+        excluded): two models can share weights exactly when these agree."""
+        neutral = {"dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop",
+                   "locked_dropout", "loss_block_rows", "format_version"}
+        return {k: v for k, v in self.to_dict().items() if k not in neutral}
 
     # ------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import rnn_kernels_for_autocast
+from rnnlm.head import auto_block_rows, linear_cross_entropy
 
 State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 DIRECTIONS = ("forward", "backward")
@@ -294,8 +295,20 @@ class RNNLM(nn.Module):
         if self.config.output == "adaptive":
             with _no_autocast(features):
                 return decoder(features.reshape(-1, features.size(-1)).float(), targets.reshape(-1)).loss
+        rows = self.loss_block_rows(features)
+        if rows:
+            return linear_cross_entropy(features, decoder.weight, decoder.bias, targets, rows)
         logits = decoder(features)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def loss_block_rows(self, features: Tensor) -> int:
+        """Rows per block of the fused softmax head for these decoder inputs (0: the plain head, which forms the full
+        logits): the config's ``loss_block_rows``, or when it is None the rule of :func:`~rnnlm.head.auto_block_rows`
+        for this vocabulary, number of positions and device."""
+        rows = self.config.loss_block_rows
+        if rows is None:
+            return auto_block_rows(self.config.vocab_size, features.numel() // features.size(-1), features.device)
+        return rows
 
     # ------------------------------------------------------------------------------------------- uses
     def representations(self, idx: Tensor, all_layers: bool = False) -> Tensor | list[Tensor]:

@@ -1,0 +1,173 @@
+"""The softmax output layer fused with its loss: ``F.cross_entropy(F.linear(x, W, b), y)`` computed block by block.
+
+At word level the output layer is most of a training step and its logits ``[N, V]`` most of its memory (N = B * T
+positions, V the vocabulary). The gradient of cross-entropy with respect to the logits is known as soon as they
+are: softmax minus one-hot, over N. So :func:`linear_cross_entropy` forms the logits of a block of rows, turns them
+into that block's loss and, when gradients are needed, straight into the block's gradients for the inputs, the
+weight and the bias, then drops them. The full ``[N, V]`` matrix never exists; the backward pass only scales the
+stored gradients by the incoming one. The mathematics is exactly that of the plain head (the tests compare the
+loss and every gradient with ``F.cross_entropy(F.linear(...))`` to float32 rounding); what changes is the order of
+the work:
+
+- The plain head writes the ``[N, V]`` logits, reads them for the log-softmax, writes its output, writes an
+  ``[N, V]`` one-hot gradient, reads both for the log-softmax gradient and writes that: six passes over a matrix
+  of N x V floats (93 MB for the WikiText-2 recipe) that no cache holds. Here a block of rows is a few MB: formed
+  once, normalised in place, and read by the two gradient products while it is still in cache.
+- Each block's logits are formed transposed, ``[V, rows] = W @ x.T``: for the tall, thin products of an output
+  layer (V >> D) this was 1.5x faster than ``x @ W.T`` with MKL on the development CPU. The softmax statistics are
+  then reductions over dimension 0, and 1 / (sum of exponentials) is folded into the small operands of the two
+  gradient products instead of being applied to the block.
+
+Under autocast (``precision="bf16-mixed"``) the three matrix products run in the autocast dtype, as ``F.linear``
+would; the softmax, the loss and the accumulation of the weight and bias gradients over the blocks are float32,
+as the plain head's ``logits.float()`` cross-entropy is (the plain head rounds the whole weight gradient to bf16
+once; here each block's share is rounded, then summed in float32).
+
+Targets equal to ``-100`` are ignored, as by ``F.cross_entropy``: the loss is the mean over the other positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+# Logits per block on a CPU (float32: 16 MiB), and the fewest rows a block may have: below it the weight-gradient
+# product, which reads and writes the whole [V, D] gradient once per block, costs more than the cache saves.
+CPU_BLOCK_ELEMENTS = 1 << 22
+MIN_BLOCK_ROWS = 64
+# A vocabulary below this computes its full logits in a few cache-sized passes: the plain head is as fast.
+CPU_MIN_VOCAB = 1024
+# On a GPU the fused head is used when the full logits would exceed this many elements (1 GiB in float32): there
+# it saves memory that matters; below it the plain head's fused kernels are kept (not measured yet on a GPU).
+GPU_MIN_LOGITS = 1 << 28
+GPU_BLOCK_ELEMENTS = 1 << 26
+# On a CPU each block's logits are formed this many classes at a time: the product's output then stays in cache.
+FORWARD_TILE = 2048
+
+
+def auto_block_rows(vocab_size: int, rows: int, device: torch.device) -> int:
+    """Rows per block that :func:`linear_cross_entropy` uses by default for ``rows`` positions over ``vocab_size``
+    classes on ``device``; 0 means the plain head (``F.linear`` + ``F.cross_entropy``) is the faster one there.
+
+    The rule (measured on the development CPU, see docs/performance.md): on a CPU, blocks of about 4 M logits
+    (16 MiB) and at least 64 rows for vocabularies of 1024 and more; on a GPU, blocks of 64 M logits only when the
+    full logits would exceed 256 M elements.
+    """
+    if device.type == "cpu":
+        if vocab_size < CPU_MIN_VOCAB:
+            return 0
+        return max(MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // vocab_size)
+    if rows * vocab_size <= GPU_MIN_LOGITS:
+        return 0
+    return max(MIN_BLOCK_ROWS, GPU_BLOCK_ELEMENTS // vocab_size)
+
+
+def linear_cross_entropy(
+    features: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, block_rows: int
+) -> Tensor:
+    """``F.cross_entropy(F.linear(features, weight, bias).float(), targets)`` (mean over the targets that are not
+    -100) computed ``block_rows`` rows at a time, without ever holding the full logits.
+
+    ``features`` is ``[..., D]``, ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None, ``targets`` ids of the shape of
+    ``features`` without its last dimension. With gradients enabled the gradients of ``features``, ``weight`` and
+    ``bias`` are computed in the forward pass, block by block, and stored until backward; under ``torch.no_grad``
+    (evaluation) only the loss is.
+    """
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    x, y = features.reshape(-1, features.size(-1)), targets.reshape(-1)
+    if x.size(0) != y.size(0):
+        raise ValueError(f"features give {x.size(0)} positions but targets {y.size(0)}")
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+    inputs = (x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _LinearCrossEntropy.apply(x, weight, bias, y, block_rows, dtype)
+    return _blocks(x, weight, bias, y, block_rows, dtype, (False, False, False))[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss in forward; every gradient computed there too, so that backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, y, block_rows, dtype):  # noqa: ANN001 - autograd's signature
+        loss, grads = _blocks(x, weight, bias, y, block_rows, dtype, ctx.needs_input_grad[:3])
+        ctx.grads = grads  # not inputs or outputs: plain attributes, freed with the graph
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):  # noqa: ANN001
+        # Out of place: a graph kept with retain_graph=True can be differentiated again.
+        grads = tuple(None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads)
+        return (*grads, None, None, None)
+
+
+def _blocks(
+    x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, block_rows: int, dtype: torch.dtype,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """The loop over blocks of rows: the mean loss, and the gradients of (x, weight, bias) asked for by ``needs``
+    (for a loss of weight 1)."""
+    n, device = x.size(0), x.device
+    need_x, need_w, need_b = needs[0], needs[1], bool(needs[2]) and bias is not None
+    need_any = need_x or need_w or need_b
+    # autocast would recast the float32 products below; the dtypes are chosen here instead.
+    with torch.autocast(device.type, enabled=False):
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        keep = y != IGNORE_INDEX
+        count = keep.sum()  # a tensor: no host synchronisation on a GPU
+        safe_y = torch.where(keep, y, 0)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        columns = torch.arange(min(block_rows, n), device=device)
+        vocab = weight.size(0)
+        # One buffer for every block's logits (the last block may be shorter: a contiguous view of its start).
+        buffer = torch.empty(min(block_rows, n) * vocab, dtype=dtype, device=device)
+        tile = FORWARD_TILE if device.type == "cpu" else vocab
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            xb = x[start:stop].to(dtype)
+            yb, kb, cols = safe_y[start:stop], keep[start:stop], columns[: stop - start]
+            z = buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            for t0 in range(0, vocab, tile):
+                t1 = min(t0 + tile, vocab)
+                if b is None:
+                    torch.mm(xb, w[t0:t1].t(), out=z[:, t0:t1])
+                else:
+                    torch.addmm(b[t0:t1], xb, w[t0:t1].t(), out=z[:, t0:t1])
+            z = z.float()
+            target_logit = z[cols, yb]
+            top = z.amax(1)
+            p = torch.softmax(z, 1)
+            # log-sum-exp = max + log(sum of exp(z - max)), and the largest probability is exactly 1 / that sum.
+            row_loss = top - p.amax(1).log() - target_logit
+            total += torch.where(kb, row_loss, 0.0).sum()
+            if not need_any:
+                continue
+            p[cols, yb] -= 1.0  # softmax - one-hot: the gradient of the block's loss with respect to its logits
+            scale = kb / count  # the mean over the kept targets, applied to the small operands
+            pc = p.to(dtype)
+            if need_x:
+                grad_x[start:stop] = (torch.mm(pc, w).float() * scale[:, None]).to(x.dtype)
+            if need_w:
+                scaled = (xb.float() * scale[:, None]).to(dtype)
+                if dtype == torch.float32:
+                    grad_w.addmm_(pc.t(), scaled)
+                else:
+                    grad_w += torch.mm(pc.t(), scaled)
+            if need_b:
+                grad_b.addmv_(p.t(), scale)
+        loss = total / count
+    grads = (
+        grad_x,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+    return loss, grads
