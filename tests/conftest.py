@@ -45,6 +45,14 @@ def make_text(n_lines: int, seed: int = 0, words_per_line: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (scripts/gpu_check.sh runs these with -m cuda)")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.getbasetemp()

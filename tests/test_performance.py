@@ -178,3 +178,28 @@ def test_hand_written_loop_trains_the_same_model_as_rnnlm(corpus_dir, tmp_path):
     metrics = tiny_trainer(tmp_path).validate(model, dataloaders=data.loader("validation", batch_size=4),
                                                verbose=False)[0]
     assert val == pytest.approx(metrics["val/loss"], rel=1e-4)
+
+
+def test_hand_written_awd_loop_trains_the_same_model_as_rnnlm(corpus_dir, tmp_path):
+    """With AWD-LSTM settings (per-layer sizes, tied weights, weight drop, locked and word dropout, AR/TAR) the
+    hand-written loop, from the same weights and the same random stream, takes rnnlm's steps."""
+    bench = _bench()
+    data = tiny_data(corpus_dir, tmp_path, tokenizer="word", batch_size=3, bptt=7)
+    data.setup("fit")
+    torch.manual_seed(0)
+    awd = dict(num_layers=3, hidden_sizes=[12, 10, 8], embedding_dim=8, tie_weights=True, locked_dropout=True,
+               dropout_embedding=0.3, dropout_between=0.2, dropout_output=0.25, dropout_words=0.1, weight_drop=0.5)
+    model = tiny_model(data.vocab_size, **awd, activation_regularization=2.0, temporal_activation_regularization=1.0)
+    hand = bench.HandWrittenLM(model.config)
+    hand.load_state_dict(model.model.state_dict())
+    assert hand.decoder.weight is hand.embedding.weight
+    loop = bench.HandWrittenLoop(hand, data.ids["train"], 3, 7, torch.optim.SGD(hand.parameters(), lr=1.0), 0.5,
+                                 ar=2.0, tar=1.0)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=1.0)
+    torch.manual_seed(5)
+    tiny_trainer(tmp_path, max_steps=6, gradient_clip_val=0.5, limit_val_batches=0).fit(model, datamodule=data)
+    torch.manual_seed(5)
+    for _ in range(6):
+        loop.step()
+    for name, p in hand.state_dict().items():
+        torch.testing.assert_close(p, model.model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
