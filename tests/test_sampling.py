@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
+
 from rnnlm import generate
 from rnnlm.config import RNNLMConfig
 from rnnlm.inference import TrainedModel, load
