@@ -12,6 +12,9 @@ document separator, the model predicts the item's tokens and then the separator 
 counts the item's tokens plus that separator, ``characters`` counts its characters plus one for the separator
 (it stands for the newline), ``logprob`` is the sum of the log-probabilities of those tokens in nats, ``ppl =
 exp(-logprob / tokens)`` and ``bpc = -logprob / ln 2 / characters``: the definitions of ``rnnlm.evaluate``.
+The summary is token-weighted over all items, as ``evaluate``'s loss over a split. ``--end newline`` predicts a
+newline after each item instead of the separator (for a model trained on whole documents, in which lines end
+with a newline and the separator comes only at the end of a document), ``--end none`` nothing.
 
 Items are scored in batches (``--batch_size``): sorted by length, padded at the end, the padding masked out of
 every sum. A recurrent model reads left to right, so padding after an item never reaches its scores: an item
@@ -40,7 +43,7 @@ from tqdm import tqdm
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError, run_main
 from rnnlm.inference import TrainedModel, load
-from rnnlm.model import DIRECTIONS, RNNLM, map_state
+from rnnlm.model import DIRECTIONS, RNNLM, map_state, state_batch_size
 from rnnlm.sources import DataError
 
 PER = ("line", "paragraph", "document")
@@ -137,7 +140,7 @@ def _batch_log_probs(
     for t in range(0, width, steps):
         # Sorted longest first, so the rows still reading at step t are the first ones.
         active = int((lengths > t).sum())
-        if state is not None and active < len(sequences):
+        if state is not None and active < state_batch_size(state):
             state = map_state(lambda s, n=active: s[:, :n].contiguous(), state)
         end = min(t + steps, width)
         x, y = ids_t[:active, t:end], ids_t[:active, t + 1 : end + 1]
@@ -175,14 +178,14 @@ def scores(
     model.eval()
     try:
         sequences = trained.encoder.encode_each(texts)
-        per_direction = {d: log_probs(model, sequences, trained.encoder.separator, d, batch_size, bool(extra))
+        per_direction = {d: log_probs(model, sequences, trained.encoder.separator, d, batch_size, bool(extra)).tolist()
                          for d in directions}
     finally:
         model.train(was_training)
     results = []
     for i, (text, seq) in enumerate(zip(texts, sequences)):
         tokens, characters = len(seq) + extra, len(text) + extra
-        logprob = float(np.mean([per_direction[d][i] for d in directions]))
+        logprob = sum(per_direction[d][i] for d in directions) / len(directions)
         result = {
             "tokens": tokens,
             "characters": characters,
@@ -191,7 +194,7 @@ def scores(
             "bpc": -logprob / LN2 / characters if characters else None,
         }
         if len(directions) > 1:
-            result.update({f"{d}_logprob": float(per_direction[d][i]) for d in directions})
+            result.update({f"{d}_logprob": per_direction[d][i] for d in directions})
         results.append(result)
     return results
 
