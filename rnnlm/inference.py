@@ -3,6 +3,8 @@
     import rnnlm
     lm = rnnlm.load("runs/.../checkpoints/last.ckpt")
     print(lm.sample("The with statement", max_new_tokens=200, temperature=0.7, seed=0))
+    for s in lm.samples("The with statement", num_samples=4, top_p=0.9, seed=0, stop_at_separator=True):
+        print(s.text)
     out = lm.model(ids, targets)          # a plain torch module: RNNLM
 
 A checkpoint is read with ``weights_only=True``: it holds tensors and plain types only, so loading runs no code.
@@ -50,9 +52,85 @@ class TrainedModel:
         temperature: float = 0.8,
         top_k: int | None = None,
         seed: int | None = None,
+        top_p: float | None = None,
+        stop_at_separator: bool = False,
     ) -> str:
-        """Text generated after ``prompt``; the hidden state starts from a document boundary."""
-        return sample(self.model, self.encoder, prompt, max_new_tokens, temperature, top_k, seed)
+        """Text generated after ``prompt``; the hidden state starts from a document boundary (see :func:`sample`)."""
+        return sample(self.model, self.encoder, prompt, max_new_tokens, temperature, top_k, seed, top_p,
+                      stop_at_separator)
+
+    def samples(
+        self,
+        prompt: str = "",
+        num_samples: int = 1,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_separator: bool = False,
+    ) -> list[Sample]:
+        """``num_samples`` texts generated after ``prompt`` as one batch (see :func:`samples`)."""
+        return samples(self.model, self.encoder, prompt, num_samples, max_new_tokens, temperature, top_k, top_p,
+                       seed, stop_at_separator)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated text.
+
+    ``text`` is the continuation of ``prompt`` (without the prompt, and without the separator it stopped at);
+    ``tokens`` is how many tokens were sampled (the separator included); ``stopped_at_separator`` says whether it
+    ended at the document separator rather than after ``max_new_tokens``.
+    """
+
+    prompt: str
+    text: str
+    tokens: int
+    stopped_at_separator: bool
+
+
+def samples(
+    model: RNNLM,
+    encoder: Encoder,
+    prompt: str = "",
+    num_samples: int = 1,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_separator: bool = False,
+) -> list[Sample]:
+    """Generate ``num_samples`` texts after ``prompt`` with ``model`` as one batch.
+
+    The hidden state starts from a document boundary (the separator), the prompt primes it once, and the
+    ``num_samples`` streams then sample together (:meth:`RNNLM.generate`: temperature, then top-k, then nucleus
+    ``top_p``). A ``seed`` makes the result reproducible for the same settings and ``num_samples``. With
+    ``stop_at_separator`` each text ends where the model ends the document.
+    """
+    device = next(model.parameters()).device
+    prompt_ids = encoder.encode_text(prompt)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        start = torch.tensor([encoder.separator, *prompt_ids], device=device)
+        stop = encoder.separator if stop_at_separator else None
+        new = model.generate(start[None], max_new_tokens, temperature, top_k, generator, top_p, num_samples, stop)
+    finally:
+        model.train(was_training)
+    # Decode prompt and continuation together so that word-level spacing comes out right.
+    head = encoder.decode(prompt_ids)
+    results = []
+    for ids in new.tolist():
+        stopped = stop_at_separator and encoder.separator in ids
+        if stopped:
+            ids = ids[: ids.index(encoder.separator) + 1]
+        full = encoder.decode(prompt_ids + (ids[:-1] if stopped else ids))
+        text = full[len(head) :] if full.startswith(head) else full
+        results.append(Sample(prompt, text, len(ids), stopped))
+    return results
 
 
 def sample(
@@ -63,21 +141,13 @@ def sample(
     temperature: float = 0.8,
     top_k: int | None = None,
     seed: int | None = None,
+    top_p: float | None = None,
+    stop_at_separator: bool = False,
 ) -> str:
-    """Generate text after ``prompt`` with ``model``; the hidden state starts from a document boundary."""
-    device = next(model.parameters()).device
-    prompt_ids = encoder.encode_text(prompt)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    was_training = model.training
-    model.eval()
-    try:
-        start = torch.tensor([encoder.separator, *prompt_ids], device=device)
-        new = model.generate(start, max_new_tokens, temperature, top_k, generator).tolist()
-    finally:
-        model.train(was_training)
-    # Decode prompt and continuation together so that word-level spacing comes out right.
-    head, full = encoder.decode(prompt_ids), encoder.decode(prompt_ids + new)
-    return full[len(head) :] if full.startswith(head) else full
+    """Generate text after ``prompt`` with ``model``; the hidden state starts from a document boundary. One
+    :func:`samples`, its text only."""
+    return samples(model, encoder, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed,
+                   stop_at_separator)[0].text
 
 
 def config_of_checkpoint(checkpoint: dict) -> RNNLMConfig:

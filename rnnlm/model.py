@@ -257,16 +257,22 @@ class RNNLM(nn.Module):
         logits). ``direction="backward"`` runs the backward stack: give it the ids in reversed order, and its
         "next" token is then the previous one of the original order.
         """
-        embedding, rnn, projection, decoder = self._parts(direction)
+        outputs, state, features = self._read(idx, state, direction)
+        decoder = self._parts(direction)[3]
+        if targets is None:
+            return Output(None, self._logits(decoder, features), state, outputs, features)
+        return Output(self._loss(decoder, features, targets), None, state, outputs, features)
+
+    def _read(self, idx: Tensor, state: State | None, direction: str) -> tuple[Tensor, State, Tensor]:
+        """The recurrent stack's outputs, its state after the last step, and the decoder's input features."""
+        _, rnn, projection, _ = self._parts(direction)
         x = self.drop_in(self._drop_words(self._embed(idx, direction), idx))
         with rnn_kernels_for_autocast():
             outputs, state = rnn(x, state)
         features = self.drop_out(outputs)
         if projection is not None:
             features = projection(features)
-        if targets is None:
-            return Output(None, self._logits(decoder, features), state, outputs, features)
-        return Output(self._loss(decoder, features, targets), None, state, outputs, features)
+        return outputs, state, features
 
     def _embed(self, idx: Tensor, direction: str) -> Tensor:
         """Input vectors x_t of the ids: an embedding row, or the fixed one-hot vector."""
@@ -290,6 +296,25 @@ class RNNLM(nn.Module):
                 flat = features.reshape(-1, features.size(-1)).float()
                 return decoder.log_prob(flat).view(*features.shape[:-1], -1)
         return decoder(features)
+
+    def log_probs(
+        self, idx: Tensor, targets: Tensor, state: State | None = None, direction: str = "forward"
+    ) -> tuple[Tensor, State]:
+        """Log-probability in nats of each target ``[B, T]`` after reading ``idx`` ``[B, T]`` from ``state``, and
+        the state after the last step: what scoring text needs.
+
+        Read like :meth:`forward` with targets, but per token instead of the mean; the adaptive softmax computes
+        only the clusters the targets fall in.
+        """
+        _, state, features = self._read(idx, state, direction)
+        decoder = self._parts(direction)[3]
+        if self.config.output == "adaptive":
+            with _no_autocast(features):
+                flat = features.reshape(-1, features.size(-1)).float()
+                return decoder(flat, targets.reshape(-1)).output.view_as(targets), state
+        logits = decoder(features)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
+        return -nll.view_as(targets), state
 
     def _loss(self, decoder: nn.Module, features: Tensor, targets: Tensor) -> Tensor:
         if self.config.output == "adaptive":
@@ -358,35 +383,97 @@ class RNNLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        num_samples: int = 1,
+        stop_token: int | None = None,
     ) -> Tensor:
-        """Sample ``max_new_tokens`` ids after ``prompt`` (``[T]`` or ``[B, T]``, T >= 1) and return only the new ids.
+        """Sample up to ``max_new_tokens`` ids after ``prompt`` (``[T]`` or ``[B, T]``, T >= 1); return the new ids.
 
-        The whole prompt primes the hidden state in one fused pass; sampling then feeds back one token at a time.
-        ``temperature=0`` picks the most likely token (greedy); ``top_k`` keeps only the k most likely tokens.
+        The whole prompt primes the hidden state in one fused pass; each prompt row then starts ``num_samples``
+        streams (next to each other in the batch), all sampled together, one token at a time fed back. A ``[T]``
+        prompt gives ``[N]`` new ids (``[num_samples, N]`` when ``num_samples > 1``), a ``[B, T]`` prompt
+        ``[B * num_samples, N]``.
+
+        Each step samples from the last logits shaped by :func:`filter_logits`: ``temperature`` (0 picks the most
+        likely token: greedy), then ``top_k``, then ``top_p`` (nucleus sampling). With ``stop_token``, a stream
+        that samples it stops there: the token is kept and the stream's later positions repeat it, and sampling
+        ends as soon as every stream has stopped, so N <= ``max_new_tokens``.
         """
         if prompt.dim() == 1:
-            return self.generate(prompt[None], max_new_tokens, temperature, top_k, generator)[0]
+            new = self.generate(prompt[None], max_new_tokens, temperature, top_k, generator, top_p, num_samples,
+                                stop_token)
+            return new[0] if num_samples == 1 else new
         if prompt.size(1) == 0:
             raise ValueError("generate needs at least one prompt token to condition on.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        check_sampling(temperature, top_k, top_p)
         out = self(prompt)
+        logits, state = out.logits[:, -1], out.state
+        if num_samples > 1:
+            logits = logits.repeat_interleave(num_samples, dim=0)
+            state = map_state(lambda t: t.repeat_interleave(num_samples, dim=1), state)
+        stopped = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
         new = []
-        for _ in range(max_new_tokens):
-            last = out.logits[:, -1].float()
-            if temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k is not None and top_k < last.size(-1):
-                    kth = torch.topk(last, top_k, dim=-1).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
+        for step in range(max_new_tokens):
+            if step > 0:
+                out = self(new[-1], state=state)
+                logits, state = out.logits[:, -1], out.state
+            nxt = _choose(logits.float(), temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = nxt.masked_fill(stopped[:, None], stop_token)
+                stopped |= nxt[:, 0] == stop_token
             new.append(nxt)
-            out = self(nxt, state=out.state)
+            if stop_token is not None and bool(stopped.all()):
+                break
         if not new:
-            return prompt.new_empty(prompt.size(0), 0)
+            return prompt.new_empty(logits.size(0), 0)
         return torch.cat(new, dim=1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings outside their range (ValueError)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+
+
+def filter_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """The logits ``[..., V]`` to sample the next token from: divided by ``temperature`` (> 0), then, with
+    ``top_k``, every token less likely than the k-th most likely one set to -inf (ties with it are kept), then,
+    with ``top_p``, only the nucleus kept (Holtzman et al. 2020): the smallest set of most likely tokens whose
+    probability under the distribution left by the previous steps reaches ``top_p``.
+
+    This is the order of Hugging Face transformers' sampling (temperature, top-k, top-p), so the same settings
+    mean the same there.
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        probs, order = torch.softmax(logits.double(), dim=-1).sort(dim=-1, descending=True)
+        # A token stays when the more likely tokens before it have not reached top_p yet: the most likely token
+        # always stays, and the kept tokens are the shortest prefix whose probability reaches top_p.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _choose(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
+    """The next token ``[B, 1]`` of each row of ``logits`` ``[B, V]``."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:

@@ -310,6 +310,19 @@ class Encoder:
             ends = np.cumsum(lengths)
         return np.insert(ids, ends, self.separator).astype(self.dtype)
 
+    def encode_each(self, docs: Sequence[str]) -> list[np.ndarray]:
+        """Ids of each of ``docs`` on its own, no separator: :meth:`encode` split back into documents."""
+        if not docs:
+            return []
+        if self.path == "tokenizers":
+            encodings = self.tokenizer.encode_batch_fast(list(docs), add_special_tokens=False)
+            return [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
+        # One id per code point (char table) or per UTF-8 byte, plus the separator after each document.
+        sizes = [len(d) if self.path == "char-table" else len(d.encode("utf-8")) for d in docs]
+        ends = np.cumsum(np.asarray(sizes) + 1)
+        ids = self.encode(docs)
+        return [ids[end - 1 - size : end - 1] for size, end in zip(sizes, ends.tolist())]
+
     def encode_text(self, text: str) -> list[int]:
         """Ids of one piece of text, no separator (for prompts)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,241 @@
+"""Scoring text: per-item log-probabilities that batching never changes, the definitions of ``rnnlm.evaluate``,
+and ``rnnlm.score``'s input, output and errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_text, tiny_data, tiny_model, tiny_trainer
+
+from rnnlm import score
+from rnnlm.config import RNNLMConfig
+from rnnlm.encoding import encode_docs
+from rnnlm.errors import ConfigError
+from rnnlm.inference import TrainedModel, load
+from rnnlm.model import RNNLM
+from rnnlm.score import Item, read_items, scores
+from rnnlm.sources import DataError
+from rnnlm.tokenization import char_tokenizer
+
+ITEMS = ["the cat sat on a mat", "", "a", "birds sang in tall green trees every morning", "dog ran", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of a small char-level LSTM trained on lines of English-like text, and its training lines."""
+    root = tmp_path_factory.mktemp("score")
+    text = make_text(600, seed=1)
+    (root / "train.txt").write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+        data = tiny_data(root / "train.txt", root, sample_by="line", batch_size=16, bptt=32)
+        torch.manual_seed(0)
+        model = tiny_model(data.vocab_size, hidden_size=32)
+        trainer = tiny_trainer(root, max_steps=120, limit_val_batches=0)
+        trainer.fit(model, datamodule=data)
+        path = root / "model.ckpt"
+        trainer.save_checkpoint(path)
+    return path, text.splitlines()
+
+
+def _untrained(**settings) -> TrainedModel:
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    config = RNNLMConfig(tokenizer.get_vocab_size(), embedding_dim=8, hidden_size=16, num_layers=2, **settings)
+    return TrainedModel(model=RNNLM(config).eval(), tokenizer=tokenizer)
+
+
+def _direct_logprob(lm: TrainedModel, text: str, direction: str = "forward") -> float:
+    """The log-probability of ``text`` as a document, by one unbatched pass: [sep, ids] predicts [ids, sep]."""
+    ids = lm.encoder.encode_text(text)
+    if direction == "backward":
+        ids = ids[::-1]
+    row = torch.tensor([[lm.encoder.separator, *ids, lm.encoder.separator]])
+    with torch.no_grad():
+        out = lm.model(row[:, :-1], row[:, 1:], direction=direction)
+    return -out.loss.item() * (len(ids) + 1)
+
+
+def test_a_batch_gives_the_numbers_of_one_item_at_a_time(trained):
+    lm = load(trained[0])
+    alone = [scores(lm, [text])[0] for text in ITEMS]
+    for batch_size in (2, 4, len(ITEMS)):
+        batched = scores(lm, ITEMS, batch_size=batch_size)
+        for a, b in zip(alone, batched):
+            assert (a["tokens"], a["characters"]) == (b["tokens"], b["characters"])
+            assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
+    # Padded (a short item batched with a much longer one) == alone == one unbatched pass.
+    padded = scores(lm, ["a", "birds sang in tall green trees " * 8], batch_size=2)[0]
+    assert padded["logprob"] == pytest.approx(alone[2]["logprob"], rel=1e-5)
+    for text, result in zip(ITEMS, alone):
+        assert result["logprob"] == pytest.approx(_direct_logprob(lm, text), rel=1e-5)
+
+
+def test_items_longer_than_one_pass_carry_their_state(trained, monkeypatch):
+    lm = load(trained[0])
+    whole = scores(lm, ITEMS, batch_size=3)
+    # Three steps per pass: items are read in pieces, rows that have ended leave the batch on the way.
+    monkeypatch.setattr(score, "MAX_STEPS_PER_PASS", 3)
+    pieces = scores(lm, ITEMS, batch_size=3)
+    for a, b in zip(whole, pieces):
+        assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
+
+
+def test_the_definitions_of_evaluate(trained):
+    lm = load(trained[0])
+    results = scores(lm, ITEMS)
+    # Tokens and characters are counted as the data pipeline counts a split read by line: the separator after
+    # each line is one token and one character.
+    _, stats = encode_docs(lm.encoder, ITEMS)
+    assert sum(r["tokens"] for r in results) == stats.tokens
+    assert sum(r["characters"] for r in results) == stats.characters
+    for text, r in zip(ITEMS, results):
+        assert r["tokens"] == len(lm.encoder.encode_text(text)) + 1 and r["characters"] == len(text) + 1
+        assert r["ppl"] == pytest.approx(math.exp(-r["logprob"] / r["tokens"]))
+        assert r["bpc"] == pytest.approx(-r["logprob"] / math.log(2) / r["characters"])
+    # The summary is token-weighted, as evaluate's loss over a split.
+    totals = {"items": len(results), **{k: sum(r[k] for r in results) for k in ("tokens", "characters", "logprob")}}
+    summary = score.summary(totals, ["forward"])
+    assert summary["loss"] == pytest.approx(-totals["logprob"] / stats.tokens)
+    assert summary["bpc"] == pytest.approx(summary["loss"] / math.log(2) / (stats.characters / stats.tokens))
+
+
+def test_a_training_line_scores_lower_than_random_characters(trained):
+    path, lines = trained
+    lm = load(path)
+    rng = random.Random(0)
+    alphabet = sorted(set("".join(lines)))
+    noise = ["".join(rng.choice(alphabet) for _ in range(len(line))) for line in lines[:20]]
+    seen, random_chars = scores(lm, lines[:20]), scores(lm, noise)
+    for a, b in zip(seen, random_chars):
+        assert a["ppl"] < b["ppl"]
+    # Half a bit per character apart on average, after a short training.
+    assert np.mean([r["bpc"] for r in seen]) < np.mean([r["bpc"] for r in random_chars]) - 0.5
+
+
+def test_what_ends_an_item():
+    lm = _untrained()
+    sep, newline, none = (scores(lm, ["ab c", ""], end=end) for end in ("separator", "newline", "none"))
+    assert [(r["tokens"], r["characters"]) for r in sep] == [(5, 5), (1, 1)]
+    assert [(r["tokens"], r["characters"]) for r in newline] == [(5, 5), (1, 1)]  # "\n" is a token of its own here
+    assert [(r["tokens"], r["characters"]) for r in none] == [(4, 4), (0, 0)]
+    assert none[1]["logprob"] == 0.0 and none[1]["ppl"] is None and none[1]["bpc"] is None
+    # Without the end, the log-probability is that of the item's own tokens: a prefix of the separator case.
+    assert none[0]["logprob"] > sep[0]["logprob"]
+    with pytest.raises(ConfigError, match="Unknown end"):
+        scores(lm, ["a"], end="eos")
+
+
+def test_bidirectional_models_score_with_both_directions():
+    lm = _untrained(bidirectional=True)
+    both = scores(lm, ITEMS, batch_size=4)
+    for text, r in zip(ITEMS, both):
+        assert r["forward_logprob"] == pytest.approx(_direct_logprob(lm, text, "forward"), rel=1e-5)
+        assert r["backward_logprob"] == pytest.approx(_direct_logprob(lm, text, "backward"), rel=1e-5)
+        assert r["logprob"] == pytest.approx((r["forward_logprob"] + r["backward_logprob"]) / 2)
+    backward = scores(lm, ITEMS, directions=["backward"])
+    assert [r["logprob"] for r in backward] == pytest.approx([r["backward_logprob"] for r in both], rel=1e-5)
+    with pytest.raises(ConfigError, match="bidirectional"):
+        scores(_untrained(), ["a"], directions=["backward"])
+
+
+@pytest.mark.parametrize("output", ["softmax", "adaptive"])
+def test_log_probs_are_the_model_s_per_token_loss(output):
+    torch.manual_seed(0)
+    settings = {"output": "adaptive", "adaptive_cutoffs": [10, 20]} if output == "adaptive" else {}
+    model = RNNLM(RNNLMConfig(40, embedding_dim=8, hidden_size=16, **settings)).eval()
+    idx, targets = torch.randint(0, 40, (3, 7)), torch.randint(0, 40, (3, 7))
+    with torch.no_grad():
+        log_probs, state = model.log_probs(idx, targets)
+        out = model(idx)
+        expected = torch.log_softmax(out.logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+        torch.testing.assert_close(log_probs, expected)
+        torch.testing.assert_close(-log_probs.mean(), model(idx, targets).loss)
+        torch.testing.assert_close(state, out.state)
+
+
+def test_items_of_an_input():
+    lines = ["first line\n", "\n", "  \n", "second\n", "paragraph\n", "\n", "\n", "third"]
+    assert [(i.index, i.line, i.text) for i in read_items(lines, "line")] == [
+        (0, 1, "first line"), (1, 2, ""), (2, 3, "  "), (3, 4, "second"), (4, 5, "paragraph"), (5, 6, ""),
+        (6, 7, ""), (7, 8, "third")]
+    assert list(read_items(lines, "paragraph")) == [
+        Item(0, 1, "first line"), Item(1, 4, "second\nparagraph"), Item(2, 8, "third")]
+    assert list(read_items(lines, "document")) == [Item(0, 1, "".join(lines))]
+    assert list(read_items([], "document")) == []
+
+
+def _main(capsys, *args: str) -> tuple[list[dict], str, dict]:
+    summary = score.main(list(args))
+    captured = capsys.readouterr()
+    return [json.loads(line) for line in captured.out.splitlines()], captured.err, summary
+
+
+def test_the_command_writes_json_lines_in_input_order(trained, tmp_path, capsys):
+    path, lines = trained
+    # Lengths in no order, so that sorting by length for batching has something to undo.
+    items = [lines[5], "", lines[1] + " " + lines[2], "zz", lines[7]]
+    text_file = tmp_path / "input.txt"
+    text_file.write_text("\n".join(items) + "\n")
+    records, err, summary = _main(capsys, "--checkpoint", str(path), "--input", str(text_file), "--batch_size", "2",
+                                  "--include_text")
+    assert [(r["index"], r["line"], r["text"]) for r in records] == [(i, i + 1, t) for i, t in enumerate(items)]
+    expected = scores(load(path), items)
+    for record, result in zip(records, expected):
+        assert record["logprob"] == pytest.approx(result["logprob"], rel=1e-5)
+    # The summary: stderr, readable and as JSON on its last line; nothing but the items on stdout.
+    assert json.loads(err.strip().splitlines()[-1]) == summary
+    assert summary["items"] == 5 and summary["tokens"] == sum(r["tokens"] for r in records)
+    assert summary["loss"] == pytest.approx(-sum(r["logprob"] for r in records) / summary["tokens"])
+    assert summary["tokens_per_second"] > 0 and "5 lines" in err
+
+
+def test_the_command_reads_standard_input_and_paragraphs(trained, monkeypatch, capsys):
+    path = str(trained[0])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one two\nthree\n\n\nfour\n"))
+    records, _, summary = _main(capsys, "--checkpoint", path, "--input", "-", "--per", "paragraph")
+    assert [(r["line"], r["characters"]) for r in records] == [(1, len("one two\nthree") + 1), (5, 5)]
+    assert summary["per"] == "paragraph"
+
+
+def test_an_empty_input_is_a_clear_error(trained, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty: there is nothing to score"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(empty)])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\n")
+    with pytest.raises(DataError, match="blank lines make none"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(blank), "--per", "paragraph"])
+    assert capsys.readouterr().out == ""  # nothing written
+    with pytest.raises(DataError, match="does not exist"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(tmp_path / "missing.txt")])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(latin1)])
+    with pytest.raises(ConfigError, match="bidirectional"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(blank), "--direction", "backward"])
+
+
+@pytest.mark.slow
+def test_the_entry_point_pipes(trained, tmp_path):
+    path, lines = trained
+    done = subprocess.run([sys.executable, "-m", "rnnlm.score", "--checkpoint", str(path), "--input", "-"],
+                          input="\n".join(lines[:30]) + "\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len([json.loads(line) for line in done.stdout.splitlines()]) == 30
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    done = subprocess.run([sys.executable, "-m", "rnnlm.score", "--checkpoint", str(path), "--input", str(empty)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "rnnlm: error:" in done.stderr and "is empty" in done.stderr and "Traceback" not in done.stderr
