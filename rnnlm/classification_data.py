@@ -399,8 +399,8 @@ class ClassificationDataModule(L.LightningDataModule):
                 if unknown:
                     raise DataError(
                         f"The {split} split of {hp.source!r} has labels {unknown} that are not among the classes "
-                        f"{classes} (data.label_order, or the classes of the model being evaluated): they could never be "
-                        "predicted. Fix the labels, or choose data that uses these classes."
+                        f"{classes} (data.label_order, or the classes of the model being evaluated): they could never "
+                        "be predicted. Fix the labels, or choose data that uses these classes."
                     )
         elif names is not None:
             classes = names
