@@ -100,12 +100,13 @@ class FeatureWriter:
         """The shape of one token's (or one pooled line's) features."""
         return (self.num_layers, self.dim) if self.layers == "all" else (self.dim,)
 
-    def _direction(self, ids: Tensor, lengths: Tensor, direction: str) -> list[Tensor]:
-        """This direction's states per layer, in its own reading order."""
+    def _direction(self, ids: Tensor, direction: str) -> list[Tensor]:
+        """This direction's states, in its own reading order: the top layer, every layer, or their average."""
         encoder = self.model.encoder
         if self.layers == "top":
             return [encoder.encode(ids, direction=direction)[0]]
-        return encoder.layer_states(ids, direction)
+        states = encoder.layer_states(ids, direction)
+        return [torch.stack(states).mean(dim=0)] if self.layers == "mean" else states
 
     def _pool(self, states: Tensor, lengths: Tensor) -> Tensor:
         if self.pooling == "concat":
@@ -124,20 +125,19 @@ class FeatureWriter:
         per_direction = []
         for direction in ("forward", "backward")[: 2 if self.model.encoder.config.bidirectional else 1]:
             if direction == "forward":
-                layer_states = self._direction(ids, lengths, direction)
+                layer_states = self._direction(ids, direction)
             else:
                 reversed_ids, index = reverse_texts(ids, lengths)
-                layer_states = self._direction(reversed_ids, lengths, direction)
+                layer_states = self._direction(reversed_ids, direction)
                 if self.pooling == "none":  # back to the tokens' own positions
                     layer_states = [s.gather(1, index.unsqueeze(-1).expand_as(s)) for s in layer_states]
             if self.pooling != "none":
                 layer_states = [self._pool(s, lengths) for s in layer_states]
             per_direction.append(layer_states)
         layers = [torch.cat(parts, dim=-1) for parts in zip(*per_direction)]
-        if self.layers == "top":
+        if self.layers != "all":
             return layers[0].float()
-        stacked = torch.stack(layers, dim=-2).float()  # [..., layers, dim]
-        return stacked.mean(dim=-2) if self.layers == "mean" else stacked
+        return torch.stack(layers, dim=-2).float()  # [..., layers, dim]
 
     def block(self, texts: list[str], batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """The token ids and the features of each text (None for an empty text)."""
