@@ -294,8 +294,6 @@ class ClassificationDataModule(L.LightningDataModule):
     def _load_options(self) -> dict:
         hp = self.hparams
         options = {}
-        if hp.revision is not None:
-            options["revision"] = hp.revision
         delimiter = hp.delimiter
         path = Path(hp.source).expanduser()
         if delimiter is None and path.suffix.lower() == ".tsv":
@@ -308,7 +306,8 @@ class ClassificationDataModule(L.LightningDataModule):
         import datasets
 
         hp = self.hparams
-        raw, _ = load_raw(hp.source, hp.config_name, "document", self.cache_dir, options=self._load_options())
+        raw, _ = load_raw(hp.source, hp.config_name, "document", self.cache_dir, options=self._load_options(),
+                          revision=hp.revision)
         if isinstance(raw, datasets.Dataset):
             raw = datasets.DatasetDict({"train": raw})
         available = dict(raw)

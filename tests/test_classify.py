@@ -453,3 +453,27 @@ def test_cli_refuses_bad_input_before_training(tmp_path):
     result = subprocess.run([*CLASSIFY, "--config", str(_config(tmp_path, source))], capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no field 'text'" in result.stderr and "['id', 'review', 'label']" in result.stderr
+
+
+def test_a_hub_revision_reaches_datasets_and_local_sources_ignore_it(tmp_path, monkeypatch):
+    import datasets
+
+    from rnnlm.data import LMDataModule
+
+    rows = contains_x(40)
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"id": list(range(40)), "document": [t for t, _ in rows], "label": [y for _, y in rows]})})
+    calls = []
+
+    def load_dataset(path, *args, **kwargs):
+        calls.append((path, kwargs.get("revision")))
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = data_module("e9t/nsmc", tmp_path, revision="refs/convert/parquet", text_field="document")
+    assert data.stats["train"]["rows"] == 36 and calls == [("e9t/nsmc", "refs/convert/parquet")]
+    LMDataModule(source="e9t/nsmc", revision="refs/convert/parquet", text_field="document").corpus  # noqa: B018
+    assert calls[-1] == ("e9t/nsmc", "refs/convert/parquet")
+    monkeypatch.undo()
+    local = data_module(write_tsv(tmp_path / "d" / "train.tsv", rows), tmp_path, revision="refs/convert/parquet")
+    assert local.stats["train"]["rows"] == 36
