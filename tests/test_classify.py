@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_text, tiny_data, tiny_model, tiny_trainer
+from conftest import CONFIG_DIR, make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm.classification import TextClassifier
 from rnnlm.classification_data import BucketLoader, ClassificationDataModule
@@ -24,6 +24,7 @@ from rnnlm.tokenization import TokenizerError
 from rnnlm.ulmfit import SlantedTriangularLR
 
 CLASSIFY = [sys.executable, "-m", "rnnlm.classify"]
+CONFIGS = sorted(c for c in CONFIG_DIR.glob("*.yaml") if "label_field:" in c.read_text())
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -477,3 +478,23 @@ def test_a_hub_revision_reaches_datasets_and_local_sources_ignore_it(tmp_path, m
     monkeypatch.undo()
     local = data_module(write_tsv(tmp_path / "d" / "train.tsv", rows), tmp_path, revision="refs/convert/parquet")
     assert local.stats["train"]["rows"] == 36
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_classifier_config_runs_end_to_end(config, tmp_path, pretrained):
+    from rnnlm.classify import main
+
+    source = write_tsv(tmp_path / "d" / "train.tsv", contains_x(300), header=("id", "document", "label"))
+    extra = ["--data.source", str(source), "--data.cache_dir", str(tmp_path / "cache"),
+             "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
+             "--trainer.enable_progress_bar", "false"]
+    if "init_from:" in config.read_text():
+        extra += ["--model.init_from", str(pretrained)]
+    else:
+        extra += ["--model.config.hidden_size", "16", "--model.config.embedding_dim", "8"]
+    cli = main(["--config", str(config), *extra])
+    assert cli.trainer.global_step == 3
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(best).parent == tmp_path / "ckpt"
+    assert load(best).predict(["abc x"])[0].label in (0, 1)
