@@ -6,17 +6,21 @@ per layer group with discriminative learning rates, gradual unfreezing trains th
 one more group each epoch, and :class:`~rnnlm.ulmfit.SlantedTriangularLR` is the schedule the configs use.
 
 Metrics per split: loss (cross-entropy, nats), accuracy and macro-F1; validation and test also log a confusion
-matrix to W&B. A checkpoint holds the labels (class i is ``labels[i]``), the tokenizer and the tokens read per text,
+matrix to W&B, and validation the training time so far (``val/train_seconds``, over resumes), for accuracy against
+time. A checkpoint holds the labels (class i is ``labels[i]``), the tokenizer and the tokens read per text,
 so :func:`rnnlm.classifier.load` alone can predict.
 """
 
 from __future__ import annotations
+
+import time
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
@@ -138,6 +142,9 @@ class TextClassifier(L.LightningModule):
         self.tokenizer_json: str | None = self.pretrained_tokenizer
         self.max_length: int | None = None
         self._data_facts: dict = {}
+        # Wall-clock seconds of training (validation included) before this process's, from a resumed checkpoint.
+        self._seconds_before = 0.0
+        self._started: float | None = None
 
     # ----------------------------------------------------------------------------------------- data link
     def use_data(self, tokenizer_json: str, classes: list, max_length: int, facts: dict | None = None) -> None:
@@ -167,7 +174,25 @@ class TextClassifier(L.LightningModule):
         self.use_data(description["tokenizer"].to_str(), description["classes"], description["max_length"],
                       description["facts"])
 
+    def train_seconds(self) -> float:
+        """Wall-clock seconds spent in training so far (validation included), over resumes."""
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self._seconds_before + running
+
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
     def on_fit_start(self) -> None:
+        strategy = self.trainer.strategy
+        # DDP expects a gradient for every parameter that required one when it wrapped the model; frozen layer
+        # groups have none. (_ddp_kwargs: the keywords the strategy passes to DistributedDataParallel.)
+        if (self.hparams.gradual_unfreezing and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters")):
+            raise ConfigError(
+                "Gradual unfreezing leaves the frozen layer groups without gradients, which DDP refuses unless told "
+                "to look for them: use --trainer.strategy ddp_find_unused_parameters_true (or set "
+                "model.gradual_unfreezing false)."
+            )
         facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": self._data_facts}
         for logger in self.loggers:
             logger.log_hyperparams(facts)
@@ -212,6 +237,7 @@ class TextClassifier(L.LightningModule):
             self.log("loss", loss.detach().cpu(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
             lr = self.optimizers().param_groups[-1]["lr"]  # the head's: the others are fixed fractions of it
             self.log("lr", torch.tensor(float(lr)), on_step=True, on_epoch=False)
+            self.log("train/seconds", torch.tensor(self.train_seconds()), on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, stage: str, batch: Batch) -> None:
@@ -236,6 +262,8 @@ class TextClassifier(L.LightningModule):
         self._metrics[stage].reset()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/accuracy": metrics["accuracy"],
                        f"{stage}/f1_macro": metrics["f1_macro"]}, prog_bar=(stage == "val"))
+        if stage == "val" and self.trainer.state.fn == "fit":  # accuracy against training time
+            self.log("val/train_seconds", torch.tensor(self.train_seconds()))
         if not self.trainer.sanity_checking:
             self._log_confusion(stage, metrics["confusion"])
 
@@ -277,7 +305,7 @@ class TextClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rnnlm"] = {"version": __version__, "task": TASK, "tokenizer": self.tokenizer_json,
-                               "max_length": self.max_length}
+                               "max_length": self.max_length, "train_seconds": self.train_seconds()}
         if self.trainer.state.fn == "fit":
             for logger in self.loggers:
                 if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
@@ -296,3 +324,4 @@ class TextClassifier(L.LightningModule):
             raise CheckpointError("The checkpoint was trained with a different tokenizer than this run's data.")
         self.tokenizer_json = extra.get("tokenizer") or self.tokenizer_json
         self.max_length = extra.get("max_length") or self.max_length
+        self._seconds_before = float(extra.get("train_seconds", 0.0))

@@ -30,7 +30,7 @@ import torch
 
 from rnnlm.errors import ConfigError, UserError, run_main
 
-COMMANDS = ("fit", "predict", "evaluate")
+COMMANDS = ("predict", "evaluate")  # without one of these words: training
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
 
 
@@ -288,11 +288,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def main(args: list[str] | None = None):
     argv = list(sys.argv[1:] if args is None else args)
-    command = argv[0] if argv and argv[0] in COMMANDS else "fit"
-    if argv and argv[0] in COMMANDS:
-        argv = argv[1:]
-    if command == "fit":
-        return train(argv)
+    if not argv or argv[0] not in COMMANDS:
+        return train(args)  # None from the command line: LightningCLI reads sys.argv itself
+    command, argv = argv[0], argv[1:]
     options = vars(_parser(command).parse_args(argv))
     if options["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be a positive integer, got {options['batch_size']}.")

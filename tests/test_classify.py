@@ -498,3 +498,70 @@ def test_every_classifier_config_runs_end_to_end(config, tmp_path, pretrained):
     best = cli.trainer.checkpoint_callback.best_model_path
     assert Path(best).parent == tmp_path / "ckpt"
     assert load(best).predict(["abc x"])[0].label in (0, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_gradual_unfreezing_under_ddp(tmp_path):
+    source = write_tsv(tmp_path / "d" / "train.tsv", contains_x(256))
+    config = _config(tmp_path, source, config={"num_layers": 2, "embedding_dim": 8, "hidden_size": 8})
+    common = [*CLASSIFY, "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([*common, "--trainer.strategy", "ddp"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "ddp_find_unused_parameters_true" in refused.stderr
+    done = subprocess.run([*common, "--trainer.strategy", "ddp_find_unused_parameters_true"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch 1: training layer2, head" in done.stdout + done.stderr
+    weights = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert weights["epoch"] == 1 and weights["rnnlm"]["task"] == "classification"
+
+
+def test_a_run_resumed_mid_epoch_sees_the_batches_it_had_left(tmp_path):
+    import lightning as L
+
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(160)), tmp_path, val_fraction=0.0)
+
+    class Seen(L.Callback):
+        def __init__(self, save_at: int | None = None):
+            self.batches, self.save_at = [], save_at
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append((trainer.current_epoch, batch.index.tolist()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.save_at:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    def run(seen, ckpt_path=None):
+        torch.manual_seed(0)
+        trainer = tiny_trainer(tmp_path, max_steps=15, callbacks=[seen], limit_val_batches=0)
+        trainer.fit(classifier(data), datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        return trainer
+
+    whole = Seen(save_at=13)  # 10 batches per epoch: saved 3 batches into epoch 1
+    run(whole)
+    rest = Seen()
+    resumed = run(rest, ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert whole.batches[:13] + rest.batches == whole.batches
+    assert whole.batches[0][1] != whole.batches[10][1]  # epoch 1 has another order than epoch 0
+    assert resumed.lightning_module.train_seconds() > 0
+
+
+def test_accuracy_against_training_time(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+    from plot_accuracy import main as plot
+    from plot_accuracy import read_points
+
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(96)), tmp_path)
+    trainer = tiny_trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path / "logs"))
+    trainer.fit(classifier(data), datamodule=data)
+    metrics = next((tmp_path / "logs").rglob("metrics.csv"))
+    points = read_points(metrics)
+    assert len(points) == 2 and 0 < points[0][0] < points[1][0]
+    assert points[1][1] == pytest.approx(float(trainer.callback_metrics["val/accuracy"]))
+    plot([str(metrics), "--labels", "run", "--reference", "0.871", "TF-IDF", "-o", str(tmp_path / "a.png")])
+    assert (tmp_path / "a.png").stat().st_size > 1000
