@@ -55,9 +55,6 @@ class Batch(NamedTuple):
     labels: Tensor
     index: Tensor
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in self))
-
 
 def make_batch(texts: Sequence[np.ndarray], separator: int, labels: Sequence[int] | None = None,
                index: Sequence[int] | None = None) -> Batch:

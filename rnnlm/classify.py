@@ -218,6 +218,9 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
 
     clf = load(checkpoint, map_location=_device(device))
     settings = dict(clf.data)
+    if source is None and "source" not in settings:
+        raise UserError(f"{checkpoint!r} does not say which data it was trained on (it was not trained with "
+                        "ClassificationDataModule): give the data to evaluate with --source.")
     settings["vocab_size"] = settings.pop("target_vocab_size", None)
     overrides = {"config_name": config_name, "revision": revision, "text_field": text_field,
                  "label_field": label_field, "delimiter": delimiter}
