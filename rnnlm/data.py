@@ -38,6 +38,8 @@ class LMDataModule(L.LightningDataModule):
         source: a Hub dataset name (``Salesforce/wikitext``), a local file or folder (text, json/jsonl, csv,
             parquet; splits found from file names), a ``save_to_disk`` folder, or ``builtin:python-docs``.
         config_name: the dataset's configuration on the Hub (``wikitext-2-raw-v1``).
+        revision: the Hub revision (branch, tag or commit) to read, e.g. ``refs/convert/parquet``, the parquet copy the
+            Hub keeps of a dataset whose main branch holds a loading script (which datasets >= 4 no longer runs).
         text_field: the column holding the text.
         train_split: name of the training split in the source.
         val_split: name of the validation split (``valid``/``val``/``dev`` are found too).
@@ -70,6 +72,7 @@ class LMDataModule(L.LightningDataModule):
         self,
         source: str = "builtin:python-docs",
         config_name: str | None = None,
+        revision: str | None = None,
         text_field: str = "text",
         train_split: str = "train",
         val_split: str = "validation",
@@ -142,6 +145,7 @@ class LMDataModule(L.LightningDataModule):
                 hp.test_fraction,
                 self.cache_dir,
                 streaming=hp.streaming,
+                revision=hp.revision,
             )
         return self._corpus
 

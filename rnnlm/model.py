@@ -265,14 +265,28 @@ class RNNLM(nn.Module):
 
     def _read(self, idx: Tensor, state: State | None, direction: str) -> tuple[Tensor, State, Tensor]:
         """The recurrent stack's outputs, its state after the last step, and the decoder's input features."""
-        _, rnn, projection, _ = self._parts(direction)
-        x = self.drop_in(self._drop_words(self._embed(idx, direction), idx))
-        with rnn_kernels_for_autocast():
-            outputs, state = rnn(x, state)
+        projection = self._parts(direction)[2]
+        outputs, state = self.encode(idx, state, direction)
         features = self.drop_out(outputs)
         if projection is not None:
             features = projection(features)
         return outputs, state, features
+
+    def encode(
+        self, idx: Tensor, state: State | None = None, direction: str = "forward"
+    ) -> tuple[Tensor, State]:
+        """The top recurrent layer's output ``[B, T, H]`` and the state after the last step, without the decoder:
+        what a classifier or a feature extractor reads. The input dropouts apply as in :meth:`forward`; the
+        output dropout does not (it belongs to the decoder's input)."""
+        rnn = self._parts(direction)[1]
+        x = self.drop_in(self._drop_words(self._embed(idx, direction), idx))
+        with rnn_kernels_for_autocast():
+            return rnn(x, state)
+
+    def layer_states(self, idx: Tensor, direction: str = "forward") -> list[Tensor]:
+        """Every recurrent layer's output ``[B, T, H_l]``, bottom to top, for ids read in the order given (for the
+        backward direction, give them reversed). No dropout: for features, as :meth:`representations` uses."""
+        return self._layer_outputs(self._embed(idx, direction), direction)
 
     def _embed(self, idx: Tensor, direction: str) -> Tensor:
         """Input vectors x_t of the ids: an embedding row, or the fixed one-hot vector."""

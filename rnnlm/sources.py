@@ -130,11 +130,14 @@ def hash_files(files: list[Path], root: Path, block: int = HASH_BLOCK) -> str:
     return h.hexdigest()[:32]
 
 
-def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path, streaming: bool = False):
+def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Path, streaming: bool = False,
+             options: dict | None = None, revision: str | None = None):
     """Load ``source`` into a ``datasets.DatasetDict`` (or a single ``Dataset`` for a ``save_to_disk`` folder).
 
     ``streaming=True`` gives ``IterableDataset`` splits for Hub datasets and local files, read as they are iterated.
-    A ``save_to_disk`` folder is memory-mapped already and is loaded as it is.
+    A ``save_to_disk`` folder is memory-mapped already and is loaded as it is. ``options`` go to
+    ``datasets.load_dataset`` for files and Hub datasets (e.g. ``delimiter`` for CSV); ``revision`` (a branch, tag or
+    commit) is for Hub datasets only, and ignored for local sources.
 
     Returns the data and, for a local source (file, folder, ``save_to_disk`` folder, built-in corpus), the hash of
     its files (:func:`hash_files`); None for a Hub dataset.
@@ -163,7 +166,7 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
         _check_not_empty([path])
         content = hash_files([path], path.parent)
         kwargs = _text_kwargs(sample_by) if builder == "text" else {}
-        kwargs.update(data_files={"train": str(path)}, streaming=streaming)
+        kwargs.update(data_files={"train": str(path)}, streaming=streaming, **(options or {}))
         return _load_local(path, builder, content, **kwargs), content
     if path.is_dir():
         files = _data_files(path)
@@ -172,21 +175,23 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
         _check_not_empty(files)
         content = hash_files(files, path)
         if _builder_for(files) == "text":
-            kwargs = {"data_dir": str(path), **_text_kwargs(sample_by)}
+            kwargs = {"data_dir": str(path), **_text_kwargs(sample_by), **(options or {})}
             return _load_local(path, "text", content, streaming=streaming, **kwargs), content
-        return _load_local(path, str(path), content, streaming=streaming), content
+        return _load_local(path, str(path), content, streaming=streaming, **(options or {})), content
     if _looks_like_path(source):
         raise DataError(
             f"Data source {source!r} does not exist. Give an existing file or folder, a Hugging Face Hub dataset "
             f"name (e.g. Salesforce/wikitext with config_name wikitext-2-raw-v1), or {BUILTIN_PREFIX}python-docs."
         )
     try:
-        return datasets.load_dataset(source, config_name, streaming=streaming), None
+        hub = {"revision": revision} if revision else {}
+        return datasets.load_dataset(source, config_name, streaming=streaming, **hub, **(options or {})), None
     except Exception as err:  # the Hub raises many types: not found, gated, offline, bad config
         offline = " (HF_HUB_OFFLINE is set, so the Hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise DataError(
             f"Could not load dataset {source!r}"
             + (f" (config {config_name!r})" if config_name else "")
+            + (f" (revision {revision!r})" if revision else "")
             + f" from the Hugging Face Hub{offline}: {type(err).__name__}: {err}\n"
             + (f"No local file or folder named {source!r} exists either. " if "/" in source else "")
             + "Check the name and config, your network, or give a local file/folder instead."
@@ -239,6 +244,7 @@ def load_corpus(
     test_fraction: float = 0.05,
     cache_dir: Path | None = None,
     streaming: bool = False,
+    revision: str | None = None,
 ) -> Corpus:
     """Load the source, pick the text column and the three splits, carving missing ones from train.
 
@@ -255,7 +261,7 @@ def load_corpus(
     if val_fraction + test_fraction >= 1.0:
         raise DataError("val_fraction + test_fraction must leave some text for training (sum < 1).")
 
-    raw, content = load_raw(source, config_name, sample_by, cache_dir, streaming)
+    raw, content = load_raw(source, config_name, sample_by, cache_dir, streaming, revision=revision)
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     elif isinstance(raw, datasets.IterableDataset):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -166,14 +168,16 @@ class TokensPerSecond(L.Callback):
     reading the clock at each logging window costs nothing on the device.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[Any], int] | None = None) -> None:
         self._window: tuple[float, int] | None = None
+        # The tokens of a batch: the targets of an LM chunk by default; a classifier counts its texts' tokens.
+        self.count = count if count is not None else (lambda batch: batch[1].numel())
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
         self._window = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        now, tokens = time.perf_counter(), batch[1].numel() * trainer.world_size
+        now, tokens = time.perf_counter(), self.count(batch) * trainer.world_size
         if self._window is None:
             self._window = (now, 0)  # the first batch of an epoch includes start-up work: not timed
             return

@@ -1,0 +1,314 @@
+"""Train, evaluate and use a text classifier on a recurrent language model (ULMFiT).
+
+    python -m rnnlm.classify --config configs/nsmc_sentiment.yaml [--section.key value ...]    # train
+    python -m rnnlm.classify predict --checkpoint CKPT --input FILE [--output OUT]            # JSON lines
+    python -m rnnlm.classify evaluate --checkpoint CKPT [--split validation] [--source S ...]
+
+Training is a LightningCLI without subcommands, like ``rnnlm.fit``: ``--data.*`` (the labelled texts),
+``--model.*`` (``init_from`` a pretrained LM, or ``config`` to train from scratch; the head; ULMFiT's gradual
+unfreezing and discriminative learning rates; ``optimizer`` and ``lr_scheduler``), ``--trainer.*``,
+``--checkpoint.*`` (the best by validation accuracy, and ``last.ckpt``), ``--resumable.*`` and ``--ckpt_path``.
+
+``predict`` writes one JSON object per input line: ``{"label": ..., "probabilities": {label: p, ...}}`` (label and
+probabilities null for an empty line). ``evaluate`` reports loss, accuracy, macro-F1 and the confusion matrix of a
+split: by default the validation split of the data the classifier was trained on, or any split of ``--source``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnlm.errors import ConfigError, UserError, run_main
+
+COMMANDS = ("predict", "evaluate")  # without one of these words: training
+warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _cli_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from rnnlm.checkpointing import ResumableCheckpoints
+    from rnnlm.fit import RNNLMCLI
+
+    class ClassifierCLI(RNNLMCLI):
+        """``rnnlm.fit``'s CLI (W&B run naming, safe checkpoint IO, refused old settings) with the classifier's
+        links and checkpoint defaults."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            # The pretrained model is named once, on the model; the data module reads its tokenizer.
+            parser.link_arguments("model.init_from", "data.init_from")
+            parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+            parser.link_arguments("data.classes", "model.labels", apply_on="instantiate")
+            parser.add_argument("--ckpt_path", type=str | None, default=None,
+                                help="Checkpoint to resume from (a path, or 'last').")
+            parser.add_argument("--test_after_fit", type=bool, default=True,
+                                help="Evaluate the best checkpoint on the test split (if any) after training.")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "checkpoint.monitor": "val/accuracy",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch}-step{step}-val_accuracy{val/accuracy:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
+            })  # fmt: skip
+            parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
+
+    return ClassifierCLI
+
+
+def train(args: list[str] | None = None):
+    """``python -m rnnlm.classify --config ...``: train a classifier; returns the CLI object."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from rnnlm import __version__
+    from rnnlm.checkpointing import TrainingInterrupted
+    from rnnlm.classification import TextClassifier
+    from rnnlm.classification_data import ClassificationDataModule
+    from rnnlm.cpu import flush_denormals, keep_freed_memory
+    from rnnlm.files import CheckpointError
+    from rnnlm.tokenization import default_tokenizers_parallelism
+    from rnnlm.tracking import choose_wandb_mode
+
+    default_tokenizers_parallelism()
+    keep_freed_memory()
+    flush_denormals()
+    wandb_mode = choose_wandb_mode()
+    cli = _cli_class()(
+        TextClassifier,
+        ClassificationDataModule,
+        run=False,
+        args=args,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__},
+        auto_configure_optimizers=False,  # the model builds its own: one parameter group per layer group
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_mode == "offline":
+            run_dir = Path(logger.experiment.dir).parent
+            print(f"rnnlm: W&B is offline (no credentials found or WANDB_MODE=offline): the run is in {run_dir}; "
+                  f"upload it later with `wandb sync {run_dir}`", flush=True)
+    if "validation" not in data.splits and trainer.checkpoint_callback is not None:
+        trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
+        if cli.config.test_after_fit and "test" in data.splits and not trainer.interrupted:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
+        if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+            ckpt = trainer.checkpoint_callback
+            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+    except TrainingInterrupted as stop:
+        if trainer.is_global_zero:
+            print(f"rnnlm: {stop}", flush=True)
+            if stop.path:
+                print(f"rnnlm: continue exactly where it stopped with:\n  {_resume_command(args, stop.path)}",
+                      flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    except CheckpointError as err:
+        if trainer.is_global_zero:
+            print(f"rnnlm: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish()
+    return cli
+
+
+def _resume_command(args: list[str] | None, path: str) -> str:
+    argv = list(sys.argv[1:] if args is None else args)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "rnnlm.classify", *kept, "--ckpt_path", path])
+
+
+# ------------------------------------------------------------------------------------------------ use
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _read_lines(path: str) -> Iterator[str]:
+    if path == "-":
+        for line in sys.stdin:
+            yield line.rstrip("\n").rstrip("\r")
+        return
+    if not Path(path).is_file():
+        raise UserError(f"The input file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")
+
+
+def _blocks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    block: list[str] = []
+    for line in lines:
+        block.append(line)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def predict(checkpoint: str, input: str, output: str | None = None, batch_size: int = 64,
+            device: str = "auto") -> int:
+    """Write a JSON line per input line (see the module docstring); returns the number of lines."""
+    from rnnlm.classifier import load
+
+    clf = load(checkpoint, map_location=_device(device))
+    keys = [str(label) for label in clf.labels]
+    out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 - stdout is not closed
+    count = empty = 0
+    try:
+        for block in _blocks(_read_lines(input), 4096):
+            for row in clf.probabilities(block, batch_size):
+                if np.isnan(row).any():
+                    record = {"label": None, "probabilities": None}
+                    empty += 1
+                else:
+                    record = {"label": clf.labels[int(row.argmax())],
+                              "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row)}}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    finally:
+        if output:
+            out.close()
+    print(f"rnnlm: {count:,} lines classified" + (f" ({empty:,} empty: label null)" if empty else "")
+          + (f" -> {output}" if output else ""), file=sys.stderr)
+    return count
+
+
+def evaluate(checkpoint: str, split: str | None = None, source: str | None = None, config_name: str | None = None,
+             revision: str | None = None, text_field: str | None = None, label_field: str | None = None,
+             delimiter: str | None = None, batch_size: int = 128, device: str = "auto") -> dict:
+    """Loss, accuracy, macro-F1 and the confusion matrix of a classifier checkpoint on a split."""
+    import torch.nn.functional as F
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+    )
+
+    from rnnlm.classification_data import ClassificationDataModule
+    from rnnlm.classifier import batches_by_length, load
+
+    clf = load(checkpoint, map_location=_device(device))
+    settings = dict(clf.data)
+    if source is None and "source" not in settings:
+        raise UserError(f"{checkpoint!r} does not say which data it was trained on (it was not trained with "
+                        "ClassificationDataModule): give the data to evaluate with --source.")
+    settings["vocab_size"] = settings.pop("target_vocab_size", None)
+    overrides = {"config_name": config_name, "revision": revision, "text_field": text_field,
+                 "label_field": label_field, "delimiter": delimiter}
+    if source is not None:
+        # Other data: its own splits, nothing carved, read with the trained model's settings.
+        settings.update(source=source, config_name=None, revision=None, val_fraction=0.0)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(init_from=None, tokenizer=None, label_order=clf.labels, max_length=clf.max_length)
+    data = ClassificationDataModule(**settings)
+    data.use_tokenizer(clf.tokenizer)
+    splits = data.splits
+    if split is None:
+        split = "validation" if source is None else next(s for s in ("test", "validation", "train") if s in splits)
+    if split not in splits:
+        raise UserError(f"{data.hparams.source!r} has no {split!r} split; it has {splits}. Choose one with --split.")
+    tokens, targets = data.tokens[split], data.targets[split]
+    model = clf.model
+    dev = next(model.parameters()).device
+    logits = torch.empty(len(tokens), len(clf.labels), dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches_by_length(tokens, batch_size, data.encoder.separator):
+            logits[batch.index] = model(batch.ids.to(dev), batch.lengths.to(dev)).double().cpu()
+    target = torch.as_tensor(targets)
+    n = len(clf.labels)
+    confusion = multiclass_confusion_matrix(logits, target, n)
+    result = {
+        "checkpoint": checkpoint, "source": data.hparams.source, "split": split, "texts": len(tokens),
+        "loss": F.cross_entropy(logits, target).item(),
+        "accuracy": multiclass_accuracy(logits, target, n, average="micro").item(),
+        "f1_macro": multiclass_f1_score(logits, target, n, average="macro").item(),
+        "labels": clf.labels,
+        "confusion_matrix": confusion.tolist(),
+        "skipped": {k: v for k, v in data.stats[split].items() if k.startswith("skipped")},
+    }
+    return result
+
+
+def _print_evaluation(result: dict) -> None:
+    print(f"{result['source']} [{result['split']}]: {result['texts']:,} texts")
+    print(f"  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  macro-F1 {result['f1_macro']:.4f}")
+    names = [str(label) for label in result["labels"]]
+    width = max(8, *(len(n) + 1 for n in names))
+    print("  confusion matrix (rows: true, columns: predicted)")
+    print("  " + " " * width + "".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, result["confusion_matrix"]):
+        print("  " + f"{name:>{width}}" + "".join(f"{c:>{width},}" for c in row))
+    print(json.dumps(result, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m rnnlm.classify {command}")
+    parser.add_argument("--checkpoint", required=True, help="A classifier checkpoint written by rnnlm.classify.")
+    parser.add_argument("--batch_size", type=int, default=64 if command == "predict" else 128)
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    if command == "predict":
+        parser.add_argument("--input", required=True, help="A text file, one text per line ('-': stdin).")
+        parser.add_argument("--output", default=None, help="Where the JSON lines go (default: stdout).")
+    else:
+        parser.add_argument("--split", default=None,
+                            help="The split to evaluate (default: validation; with --source: test, else validation, "
+                                 "else train, which is what a single file is).")
+        parser.add_argument("--source", default=None, help="Other labelled data (default: the training data).")
+        for name in ("config_name", "revision", "text_field", "label_field", "delimiter"):
+            parser.add_argument(f"--{name}", default=None, help="As data.{name} of training (default: the same).")
+    return parser
+
+
+def main(args: list[str] | None = None):
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] not in COMMANDS:
+        return train(args)  # None from the command line: LightningCLI reads sys.argv itself
+    command, argv = argv[0], argv[1:]
+    options = vars(_parser(command).parse_args(argv))
+    if options["batch_size"] < 1:
+        raise ConfigError(f"--batch_size must be a positive integer, got {options['batch_size']}.")
+    if command == "predict":
+        return predict(**options)
+    start = time.perf_counter()
+    result = evaluate(**options)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    _print_evaluation(result)
+    return result
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
