@@ -404,7 +404,7 @@ class RNNLM(nn.Module):
         """Sample up to ``max_new_tokens`` ids after ``prompt`` (``[T]`` or ``[B, T]``, T >= 1); return the new ids.
 
         The whole prompt primes the hidden state in one fused pass; each prompt row then starts ``num_samples``
-        streams (next to each other in the batch), all sampled together, one token at a time fed back. A ``[T]``
+        streams (next to each other in the batch), sampled together, each sampled token fed back. A ``[T]``
         prompt gives ``[N]`` new ids (``[num_samples, N]`` when ``num_samples > 1``), a ``[B, T]`` prompt
         ``[B * num_samples, N]``.
 
@@ -421,7 +421,7 @@ class RNNLM(nn.Module):
             raise ValueError("generate needs at least one prompt token to condition on.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        check_sampling(temperature, top_k, top_p)
+        _check_sampling(temperature, top_k, top_p)
         out = self(prompt)
         logits, state = out.logits[:, -1], out.state
         if num_samples > 1:
@@ -445,7 +445,7 @@ class RNNLM(nn.Module):
         return torch.cat(new, dim=1)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse sampling settings outside their range (ValueError)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
