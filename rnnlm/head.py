@@ -113,35 +113,42 @@ def _blocks(
     """The loop over blocks of rows: the mean loss, and the gradients of (x, weight, bias) asked for by ``needs``
     (for a loss of weight 1)."""
     n, device = x.size(0), x.device
+    vocab, dim = weight.shape
     need_x, need_w, need_b = needs[0], needs[1], bool(needs[2]) and bias is not None
-    need_any = need_x or need_w or need_b
     # autocast would recast the float32 products below; the dtypes are chosen here instead.
     with torch.autocast(device.type, enabled=False):
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
+        # The bias rides in the products as one more column of the weight, against a column of ones in the inputs:
+        # adding it costs no pass over a block, and its gradient comes out of the weight-gradient product as one
+        # more column. (``k`` columns: the weight's, then the bias.)
+        w = (weight if bias is None else torch.cat([weight, bias[:, None]], 1)).to(dtype)
+        k = w.size(1)
         keep = y != IGNORE_INDEX
         count = keep.sum()  # a tensor: no host synchronisation on a GPU
         safe_y = torch.where(keep, y, 0)
         total = torch.zeros((), dtype=torch.float32, device=device)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        columns = torch.arange(min(block_rows, n), device=device)
-        vocab = weight.size(0)
+        # The weight and bias gradients (or the bias's alone), summed over the blocks in float32.
+        wanted = slice(0, k) if need_w else slice(dim, k) if need_b else None
+        grad_wb = None
+        if wanted is not None:
+            # Rows padded to a multiple of 16 floats: with an odd row length MKL's product writes it at half speed.
+            width = wanted.stop - wanted.start
+            grad_wb = torch.zeros(vocab, -(-width // 16) * 16, device=device)[:, :width]
+        rows = min(block_rows, n)
+        columns = torch.arange(rows, device=device)
+        ones = torch.ones(rows, 1, dtype=torch.float32, device=device)
         # One buffer for every block's logits (the last block may be shorter: a contiguous view of its start).
-        buffer = torch.empty(min(block_rows, n) * vocab, dtype=dtype, device=device)
+        buffer = torch.empty(rows * vocab, dtype=dtype, device=device)
         tile = FORWARD_TILE if device.type == "cpu" else vocab
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)
-            xb = x[start:stop].to(dtype)
-            yb, kb, cols = safe_y[start:stop], keep[start:stop], columns[: stop - start]
-            z = buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            r = stop - start
+            xb = x[start:stop].float()
+            yb, kb, cols = safe_y[start:stop], keep[start:stop], columns[:r]
+            xa = (xb if bias is None else torch.cat([xb, ones[:r]], 1)).to(dtype)
+            z = buffer[: r * vocab].view(r, vocab)
             for t0 in range(0, vocab, tile):
-                t1 = min(t0 + tile, vocab)
-                if b is None:
-                    torch.mm(xb, w[t0:t1].t(), out=z[:, t0:t1])
-                else:
-                    torch.addmm(b[t0:t1], xb, w[t0:t1].t(), out=z[:, t0:t1])
+                torch.mm(xa, w[t0 : t0 + tile].t(), out=z[:, t0 : t0 + tile])
             z = z.float()
             target_logit = z[cols, yb]
             top = z.amax(1)
@@ -149,25 +156,20 @@ def _blocks(
             # log-sum-exp = max + log(sum of exp(z - max)), and the largest probability is exactly 1 / that sum.
             row_loss = top - p.amax(1).log() - target_logit
             total += torch.where(kb, row_loss, 0.0).sum()
-            if not need_any:
+            if not (need_x or grad_wb is not None):
                 continue
             p[cols, yb] -= 1.0  # softmax - one-hot: the gradient of the block's loss with respect to its logits
-            scale = kb / count  # the mean over the kept targets, applied to the small operands
+            scale = (kb / count)[:, None]  # the mean over the kept targets, applied to the small operands
             pc = p.to(dtype)
             if need_x:
-                grad_x[start:stop] = (torch.mm(pc, w).float() * scale[:, None]).to(x.dtype)
-            if need_w:
-                scaled = (xb.float() * scale[:, None]).to(dtype)
+                grad_x[start:stop] = (torch.mm(pc, w[:, :dim]).float() * scale).to(x.dtype)
+            if grad_wb is not None:
+                scaled = (torch.cat([xb, ones[:r]], 1) if bias is not None else xb)[:, wanted] * scale
                 if dtype == torch.float32:
-                    grad_w.addmm_(pc.t(), scaled)
+                    grad_wb.addmm_(pc.t(), scaled)
                 else:
-                    grad_w += torch.mm(pc.t(), scaled)
-            if need_b:
-                grad_b.addmv_(p.t(), scale)
+                    grad_wb += torch.mm(pc.t(), scaled.to(dtype))
         loss = total / count
-    grads = (
-        grad_x,
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
-    return loss, grads
+    grad_w = grad_wb[:, :dim].to(weight.dtype) if need_w else None
+    grad_b = grad_wb[:, -1].to(bias.dtype) if need_b else None
+    return loss, (grad_x, grad_w, grad_b)
