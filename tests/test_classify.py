@@ -565,3 +565,22 @@ def test_accuracy_against_training_time(tmp_path):
     assert points[1][1] == pytest.approx(float(trainer.callback_metrics["val/accuracy"]))
     plot([str(metrics), "--labels", "run", "--reference", "0.871", "TF-IDF", "-o", str(tmp_path / "a.png")])
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # ten timed variants; tiny, but each time step is a kernel call
+def test_the_speed_script_measures_every_variant(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+    import classifier_speed
+
+    texts = write_tsv(tmp_path / "t.tsv", contains_x(64), header=("id", "document", "label"))
+    monkeypatch.setattr(sys, "argv", ["classifier_speed.py", "--texts", str(texts), "--hidden", "8", "--embedding",
+                                      "4", "--vocab", "20", "--batch_size", "8", "--lm_batch_size", "4", "--bptt",
+                                      "8", "--steps", "2", "--rounds", "1"])
+    classifier_speed.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    variants = {row["variant"]: row for row in lines[:-1]}
+    assert set(variants) == {"lm", "masks, bucketed", "masks, random batches", "packed, bucketed",
+                             "packed, random batches"}
+    assert all(row["tokens_per_s"] > 0 for row in variants.values())
+    assert variants["masks, bucketed"]["padding"] < variants["masks, random batches"]["padding"]
+    assert set(lines[-1]["classifier / lm"]) == set(variants) - {"lm"}
