@@ -182,7 +182,8 @@ class ResumableCheckpoints(L.Callback):
         self.every_n_minutes = every_n_minutes
         self.handle_signals = handle_signals
         self._reset()
-        self._previous: dict[int, Any] = {}
+        self._originals: dict[int, Any] = {}  # the handlers found when this callback installed its own
+        self._armed = False  # between setup and the end of training
         self._can_save = True  # False when the Trainer has checkpointing off
         self._silenced: list[ModelCheckpoint] = []
 
@@ -197,6 +198,12 @@ class ResumableCheckpoints(L.Callback):
 
     # ----------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._armed:
+            # Lightning puts back, after training, the handlers it found before: this one if it was installed by
+            # then (the requeue signal). Behave as if it were not there.
+            signal.signal(signum, self._originals.pop(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
         if signum == self._requeue_signal:
             # Requeue only when the warning comes first: after a SIGTERM (scancel, pre-emption) the job must end.
             if self._signal is None:
@@ -205,6 +212,7 @@ class ResumableCheckpoints(L.Callback):
             return
         if self._stop_signals:  # asked twice: the user wants out now
             self._restore_handlers()
+            self._armed = False
             raise KeyboardInterrupt
         self._stop_signals.add(signum)
         if self._signal is None:
@@ -219,9 +227,15 @@ class ResumableCheckpoints(L.Callback):
 
     def _install(self, signals: tuple[int, ...]) -> None:
         if self.handle_signals and threading.current_thread() is threading.main_thread():
+            self._armed = True
             for signum in signals:
-                if signum not in self._previous:
-                    self._previous[signum] = signal.signal(signum, self._on_signal)
+                previous = signal.signal(signum, self._on_signal)
+                owner = getattr(previous, "__self__", None)
+                if owner is self:
+                    continue
+                if isinstance(owner, ResumableCheckpoints) and not owner._armed:
+                    previous = owner._originals.get(signum, signal.SIG_DFL)  # left by an earlier run: see _on_signal
+                self._originals[signum] = previous
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -261,17 +275,21 @@ class ResumableCheckpoints(L.Callback):
         self._install(self.SIGNALS)
 
     def _restore_handlers(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._originals.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, handler)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._armed = False
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._armed = False
         self._restore_handlers()
         for ckpt in self._silenced:
             ckpt.save_last = True

@@ -263,6 +263,9 @@ class LanguageModel(L.LightningModule):
         loader = self.trainer.train_dataloader
         if resume and isinstance(loader, ChunkLoader) and loader.position > 0:
             self._restore(resume)
+        elif resume and resume.get("world_size") == self.trainer.world_size:
+            # At an epoch end the streams start afresh, but the dropout masks go on from where they were.
+            self._restore_rng(resume)
 
     def on_train_epoch_start(self) -> None:
         self.carry.reset("train")
@@ -318,6 +321,10 @@ class LanguageModel(L.LightningModule):
             )
         for key, state in resume.get("carried", {}).items():
             self.carry.states[key] = map_state(lambda t: t[rank].to(self.device), state)
+        self._restore_rng(resume)
+
+    def _restore_rng(self, resume: dict) -> None:
+        rank = self.trainer.global_rank
         rng = resume.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"][rank].clone())  # a row of a bigger tensor is not accepted as is
