@@ -43,9 +43,10 @@ class TrainingInterrupted(Exception):
     """
 
     def __init__(self, signum: int, path: str | None, step: int, requeued: bool | None = None,
-                 detail: str = "") -> None:  # fmt: skip
+                 detail: str = "", seconds: float | None = None) -> None:  # fmt: skip
         self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
-        saved = (f"resumable checkpoint: {path}" if path else
+        took = f" (written in {seconds:.1f} s)" if seconds is not None else ""
+        saved = (f"resumable checkpoint: {path}{took}" if path else
                  "nothing was saved: checkpointing is off (trainer.enable_checkpointing=false), so the run cannot be "
                  "resumed")  # fmt: skip
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}"
@@ -194,6 +195,7 @@ class ResumableCheckpoints(L.Callback):
         self._requeue = False  # SLURM's warning arrived: requeue the job once the checkpoint is written
         self._last_write = time.monotonic()
         self._final_step: int | None = None  # the step the final checkpoint was written after
+        self._requeued = False  # the job was requeued: SLURM's SIGTERM is coming
         self._epoch_complete = False  # the last training batch seen ended its epoch
 
     # ----------------------------------------------------------------------------------------- signals
@@ -280,6 +282,10 @@ class ResumableCheckpoints(L.Callback):
         for signum, handler in self._originals.items():
             if signal.getsignal(signum) == self._on_signal:
                 signal.signal(signum, handler)
+        if self._requeued:
+            # Not the handler found before (Lightning's, which broadcasts to the other processes from inside the
+            # handler, while they are shutting down): SLURM's SIGTERM is expected now, and means nothing more.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._armed = False
@@ -357,6 +363,7 @@ class ResumableCheckpoints(L.Callback):
             detail = "not requeued: a requeued job would start over" if requeue else ""
             raise TrainingInterrupted(signum, None, trainer.global_step, False if requeue else None, detail)
         path = self.last_path(trainer)
+        start = time.monotonic()
         trainer.save_checkpoint(path, weights_only=False)  # the full state: weights, optimizer, loops
         self._last_write = time.monotonic()
         if final:
@@ -365,7 +372,10 @@ class ResumableCheckpoints(L.Callback):
             requeued, detail = None, ""
             if requeue:
                 requeued, detail = requeue_slurm_job() if trainer.is_global_zero else (True, "")
-            raise TrainingInterrupted(signum, path, trainer.global_step, requeued, detail)
+                self._requeued = True
+            # How long the write took tells how many seconds of warning the job needs (docs/resume.md).
+            seconds = self._last_write - start
+            raise TrainingInterrupted(signum, path, trainer.global_step, requeued, detail, seconds)
 
 
 class _BeforeTrainEnd(L.Callback):

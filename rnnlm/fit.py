@@ -129,7 +129,6 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
-    sigterm = None
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
@@ -140,8 +139,9 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
     except TrainingInterrupted as stop:
         if stop.requeued:
-            # SLURM takes a requeued job off its nodes with SIGTERM: expected now, not a reason to cut the end short.
-            sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # SLURM takes a requeued job off its nodes with SIGTERM: expected from now on, until the process ends,
+            # and not a reason to cut the end short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer.is_global_zero:
             print(f"rnnlm: {stop}", flush=True)
             if stop.path and not stop.requeued:
@@ -157,8 +157,6 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish()
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
     return cli
 
 

@@ -302,8 +302,10 @@ class LanguageModel(L.LightningModule):
         """The training streams' carried states and the RNG states, one slice per process."""
 
         def gathered(t: Tensor) -> Tensor:
-            t = self.all_gather(t.to(self.device))
-            return (t if self.trainer.world_size > 1 else t.unsqueeze(0)).cpu()
+            # One row per process. A distributed strategy adds that dimension even for a single process (a one-task
+            # SLURM job with strategy ddp); a single-device strategy returns the tensor as it is.
+            all_ranks = self.all_gather(t.to(self.device))
+            return (all_ranks if all_ranks.dim() > t.dim() else all_ranks.unsqueeze(0)).cpu()
 
         carried = {key: map_state(gathered, state) for key, state in self.carry.of_stage("train").items()}
         rng = {"cpu": gathered(torch.get_rng_state())}
