@@ -4,19 +4,23 @@ A LightningCLI without subcommands: the config file and dotted overrides set the
 the model (``--model.*``), the Trainer (``--trainer.*``), the optimizer and learning-rate scheduler
 (``--optimizer``, ``--lr_scheduler``), checkpointing (``--checkpoint.*``, and ``--resumable.*`` for the
 ``last.ckpt`` that SIGTERM, Ctrl-C and a periodic timer write) and the closing text sample (``--sample.*``).
-``--print_config`` shows the resolved configuration. ``--ckpt_path last`` continues an interrupted run exactly.
+``--print_config`` shows the resolved configuration. ``--ckpt_path last`` continues the newest checkpoint of the run
+in ``trainer.default_root_dir`` exactly, in a new process too (a requeued or resubmitted job), or starts the run
+when it has none yet.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -24,12 +28,18 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm import __version__
 from rnnlm.callbacks import TextSample
-from rnnlm.checkpointing import ResumableCheckpoints, TrainingInterrupted, with_safe_checkpoint_io
+from rnnlm.checkpointing import (
+    ResumableCheckpoints,
+    TrainingInterrupted,
+    newest_checkpoint,
+    peek_checkpoint,
+    with_safe_checkpoint_io,
+)
 from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.files import CheckpointError, load_safely
+from rnnlm.files import CheckpointError
 from rnnlm.lm import LanguageModel
 from rnnlm.tokenization import default_tokenizers_parallelism
 from rnnlm.tracking import choose_wandb_mode
@@ -46,7 +56,8 @@ class RNNLMCLI(LightningCLI):
         # A bidirectional model needs the backward chunks; the user sets it once, on the model.
         parser.link_arguments("model.config.bidirectional", "data.bidirectional")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Checkpoint to resume from (a path, or 'last').")
+                            help="Checkpoint to resume from: a path, or 'last' for the newest of the run in "
+                                 "trainer.default_root_dir (none yet: start the run).")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="Evaluate the best checkpoint on the test split after training.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -68,8 +79,9 @@ class RNNLMCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder.
         config = self.config
+        _find_last_checkpoint(config)
+        # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder.
         files = config.get("config") or []
         stem = Path(str(files[0])).stem if files else "rnnlm"
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
@@ -126,9 +138,13 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             ckpt = trainer.checkpoint_callback
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
     except TrainingInterrupted as stop:
+        if stop.requeued:
+            # SLURM takes a requeued job off its nodes with SIGTERM: expected from now on, until the process ends,
+            # and not a reason to cut the end short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer.is_global_zero:
             print(f"rnnlm: {stop}", flush=True)
-            if stop.path:
+            if stop.path and not stop.requeued:
                 command = _resume_command(args, stop.path)
                 print(f"rnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
         raise SystemExit(128 + stop.signum) from None
@@ -147,11 +163,45 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
 def _saved_wandb_run(ckpt_path: str | None) -> dict | None:
     """The W&B run a checkpoint was written by, so that resuming continues that run and its checkpoint folder."""
     if not ckpt_path or not os.path.isfile(ckpt_path):
-        return None  # "last"/"best" or a missing file: Lightning resolves or reports it
+        return None  # "best"/"hpc" or a missing file: Lightning resolves or reports it
     try:
-        return load_safely(ckpt_path).get("rnnlm", {}).get("wandb_run")
+        return peek_checkpoint(ckpt_path).get("rnnlm", {}).get("wandb_run")
     except CheckpointError:
         return None  # reported with its explanation when the Trainer loads it
+
+
+def _find_last_checkpoint(config) -> None:
+    """``--ckpt_path last``: the newest checkpoint of the run (``checkpointing.newest_checkpoint``), looked up before
+    the logger exists, so that a new process (a requeued or resubmitted job) continues the run, its W&B run and its
+    checkpoint folder included. A run that has none yet starts, and says so in one line."""
+    if config.get("ckpt_path") != "last":
+        return
+    root = config.trainer.default_root_dir or os.getcwd()
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    run_id, save_dirs = None, []
+    for logger in loggers:
+        args = getattr(logger, "init_args", None) or {}
+        wandb = getattr(logger, "class_path", "").endswith("WandbLogger")
+        if args.get("save_dir") not in (None, "."):
+            save_dirs.append(str(args.save_dir))
+        elif wandb and not config.trainer.default_root_dir:
+            save_dirs.append("runs")  # where before_instantiate_classes puts it
+        if wandb:
+            run_id = args.get("id") or args.get("version") or run_id  # a W&B run named: that run's checkpoints
+    dirpath = config.get("checkpoint", {}).get("dirpath")
+    found = newest_checkpoint(root, dirpath, run_id, tuple(save_dirs), report=_say_last)
+    if found is None:
+        where = dirpath or (f"W&B run {run_id} under {root}" if run_id else root)
+        _say_last(f"no checkpoint of this run in {where} yet: starting it from scratch")
+        config.ckpt_path = None
+    else:
+        _say_last(f"continuing from {found.path} (step {found.step})")
+        config.ckpt_path = str(found.path)
+
+
+@rank_zero_only
+def _say_last(message: str) -> None:
+    print(f"rnnlm: --ckpt_path last: {message}", flush=True)
 
 
 def _resume_command(args: list[str] | None, path: str) -> str:

@@ -263,6 +263,9 @@ class LanguageModel(L.LightningModule):
         loader = self.trainer.train_dataloader
         if resume and isinstance(loader, ChunkLoader) and loader.position > 0:
             self._restore(resume)
+        elif resume and resume.get("world_size") == self.trainer.world_size:
+            # At an epoch end the streams start afresh, but the dropout masks go on from where they were.
+            self._restore_rng(resume)
 
     def on_train_epoch_start(self) -> None:
         self.carry.reset("train")
@@ -299,8 +302,10 @@ class LanguageModel(L.LightningModule):
         """The training streams' carried states and the RNG states, one slice per process."""
 
         def gathered(t: Tensor) -> Tensor:
-            t = self.all_gather(t.to(self.device))
-            return (t if self.trainer.world_size > 1 else t.unsqueeze(0)).cpu()
+            # One row per process. A distributed strategy adds that dimension even for a single process (a one-task
+            # SLURM job with strategy ddp); a single-device strategy returns the tensor as it is.
+            all_ranks = self.all_gather(t.to(self.device))
+            return (all_ranks if all_ranks.dim() > t.dim() else all_ranks.unsqueeze(0)).cpu()
 
         carried = {key: map_state(gathered, state) for key, state in self.carry.of_stage("train").items()}
         rng = {"cpu": gathered(torch.get_rng_state())}
@@ -318,6 +323,10 @@ class LanguageModel(L.LightningModule):
             )
         for key, state in resume.get("carried", {}).items():
             self.carry.states[key] = map_state(lambda t: t[rank].to(self.device), state)
+        self._restore_rng(resume)
+
+    def _restore_rng(self, resume: dict) -> None:
+        rank = self.trainer.global_rank
         rng = resume.get("rng", {})
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"][rank].clone())  # a row of a bigger tensor is not accepted as is
