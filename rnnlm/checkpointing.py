@@ -45,7 +45,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, path: str | None, step: int, requeued: bool | None = None,
                  detail: str = "", seconds: float | None = None) -> None:  # fmt: skip
         self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
-        took = f" (written in {seconds:.1f} s)" if seconds is not None else ""
+        took = f" (written in {seconds:.2f} s)" if seconds is not None else ""
         saved = (f"resumable checkpoint: {path}{took}" if path else
                  "nothing was saved: checkpointing is off (trainer.enable_checkpointing=false), so the run cannot be "
                  "resumed")  # fmt: skip

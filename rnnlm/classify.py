@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -112,7 +113,8 @@ def train(args: list[str] | None = None):
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
-            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+            best = ckpt.best_model_path or os.path.join(ckpt.dirpath, "last.ckpt")
+            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {best})")
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
             print(f"rnnlm: {stop}", flush=True)

@@ -136,7 +136,8 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
-            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {ckpt.best_model_path or ckpt.last_model_path})")
+            best = ckpt.best_model_path or os.path.join(ckpt.dirpath, "last.ckpt")
+            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {best})")
     except TrainingInterrupted as stop:
         if stop.requeued:
             # SLURM takes a requeued job off its nodes with SIGTERM: expected from now on, until the process ends,

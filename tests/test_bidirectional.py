@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,7 @@ def test_bilm_config_runs_through_the_cli(corpus_dir, tmp_path, capsys):
         config=CONFIG_DIR / "wikitext2_bilm.yaml", cache=tmp_path / "cache",
     )  # fmt: skip
     assert cli.datamodule.hparams.bidirectional  # linked from model.bidirectional
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")  # the run's final state
     result = evaluate.main(["--checkpoint", ckpt, "--split", "validation", "--batch_size", "2"])
     assert result["loss"] == pytest.approx((result["forward_loss"] + result["backward_loss"]) / 2, rel=1e-5)
     assert "backward" in capsys.readouterr().out

@@ -152,7 +152,7 @@ def test_quickstart_on_the_builtin_corpus(tmp_path, capsys):
         config=config, cache=tmp_path / "cache", tiny=False,
     )  # fmt: skip
     assert cli.datamodule.stats["train"]["tokens"] > 300_000  # the real Python docs, not a toy
-    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+    assert (Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt").is_file()
     assert "--- sample after 2 steps ---" in capsys.readouterr().out
 
 
