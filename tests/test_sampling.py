@@ -84,7 +84,10 @@ def test_a_tiny_nucleus_is_greedy():
 
 def test_num_samples_is_one_batch_primed_once():
     model, prompt = _model(), torch.tensor([1, 2, 3])
-    draw = lambda seed, **kw: model.generate(prompt, 12, 1.0, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+
+    def draw(seed: int, **settings) -> torch.Tensor:
+        return model.generate(prompt, 12, 1.0, generator=torch.Generator().manual_seed(seed), **settings)
+
     batch = draw(5, num_samples=6)
     assert batch.shape == (6, 12)
     assert torch.equal(batch, draw(5, num_samples=6))  # reproducible

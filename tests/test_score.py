@@ -23,7 +23,7 @@ from rnnlm.inference import TrainedModel, load
 from rnnlm.model import RNNLM
 from rnnlm.score import Item, read_items, scores
 from rnnlm.sources import DataError
-from rnnlm.tokenization import char_tokenizer
+from rnnlm.tokenization import Encoder, char_tokenizer, train_tokenizer
 
 ITEMS = ["the cat sat on a mat", "", "a", "birds sang in tall green trees every morning", "dog ran", "x y z"]
 
@@ -160,6 +160,15 @@ def test_log_probs_are_the_model_s_per_token_loss(output):
         torch.testing.assert_close(log_probs, expected)
         torch.testing.assert_close(-log_probs.mean(), model(idx, targets).loss)
         torch.testing.assert_close(state, out.state)
+
+
+@pytest.mark.parametrize("level", ["char", "byte", "word"])
+def test_each_item_is_encoded_as_on_its_own(level):
+    texts = ["the cat sat", "", "café naïve ☃", "dog  ran\tfar", "x"]
+    encoder = Encoder(train_tokenizer(level, [make_text(50, seed=2), "café naïve"]))
+    each = encoder.encode_each(texts)
+    assert [e.tolist() for e in each] == [encoder.encode_text(t) for t in texts]
+    assert np.concatenate([np.append(e, encoder.separator) for e in each]).tolist() == encoder.encode(texts).tolist()
 
 
 def test_items_of_an_input():
