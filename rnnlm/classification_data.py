@@ -144,11 +144,11 @@ class BucketLoader:
 
 class SortedLoader:
     """Evaluation batches: texts sorted by length, longest first (the least padding); under DDP each process takes
-    every ``world_size``-th batch."""
+    every ``world_size``-th text."""
 
     def __init__(self, tokens: Sequence[np.ndarray], labels: Sequence[int] | None, separator: int, batch_size: int,
                  world_size: int = 1, rank: int = 0) -> None:
-        self._batches = list(batches_by_length(tokens, batch_size, separator, labels))[rank::world_size]
+        self._batches = list(batches_by_length(tokens, batch_size, separator, labels, world_size, rank))
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -495,6 +495,9 @@ class ClassificationDataModule(L.LightningDataModule):
     def loader(self, split: str) -> SortedLoader:
         """The evaluation batches of ``split`` for this process."""
         world, rank = self._world
+        if len(self.tokens[split]) < world:
+            raise DataError(f"The {split} split has {len(self.tokens[split])} texts, fewer than the {world} "
+                            "processes that evaluate it: use more data (or data.val_fraction) or fewer processes.")
         size = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
         return SortedLoader(self.tokens[split], self.targets[split], self.encoder.separator, size, world, rank)
 
