@@ -12,6 +12,7 @@ left empty. Rows with an empty text or no label are skipped, and counted in the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -475,8 +476,6 @@ class ClassificationDataModule(L.LightningDataModule):
         world, rank = self._world
         seed = self.hparams.seed
         if seed is None:
-            import os
-
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set on every rank by seed_everything
         trainer = self.trainer
         loader = BucketLoader(
