@@ -12,6 +12,7 @@ left empty. Rows with an empty text or no label are skipped, and counted in the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,11 @@ class BucketLoader:
 
 class SortedLoader:
     """Evaluation batches: texts sorted by length, longest first (the least padding); under DDP each process takes
-    every ``world_size``-th batch."""
+    every ``world_size``-th text."""
 
     def __init__(self, tokens: Sequence[np.ndarray], labels: Sequence[int] | None, separator: int, batch_size: int,
                  world_size: int = 1, rank: int = 0) -> None:
-        self._batches = list(batches_by_length(tokens, batch_size, separator, labels))[rank::world_size]
+        self._batches = list(batches_by_length(tokens, batch_size, separator, labels, world_size, rank))
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -475,8 +476,6 @@ class ClassificationDataModule(L.LightningDataModule):
         world, rank = self._world
         seed = self.hparams.seed
         if seed is None:
-            import os
-
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set on every rank by seed_everything
         trainer = self.trainer
         loader = BucketLoader(
@@ -495,6 +494,9 @@ class ClassificationDataModule(L.LightningDataModule):
     def loader(self, split: str) -> SortedLoader:
         """The evaluation batches of ``split`` for this process."""
         world, rank = self._world
+        if len(self.tokens[split]) < world:
+            raise DataError(f"The {split} split has {len(self.tokens[split])} texts, fewer than the {world} "
+                            "processes that evaluate it: use more data (or data.val_fraction) or fewer processes.")
         size = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
         return SortedLoader(self.tokens[split], self.targets[split], self.encoder.separator, size, world, rank)
 

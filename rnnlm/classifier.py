@@ -247,10 +247,11 @@ def encode_texts(encoder: Encoder, texts: Sequence[str], max_length: int) -> tup
 
 
 def batches_by_length(tokens: Sequence[np.ndarray], batch_size: int, separator: int,
-                      labels: Sequence[int] | None = None) -> Iterable[Batch]:
+                      labels: Sequence[int] | None = None, world_size: int = 1, rank: int = 0) -> Iterable[Batch]:
     """Non-empty texts in batches of similar length, longest first (for evaluation and prediction); each batch's
-    ``index`` says where its rows come from."""
-    order = sorted((i for i, t in enumerate(tokens) if len(t)), key=lambda i: -len(tokens[i]))
+    ``index`` says where its rows come from. With ``world_size`` > 1, the texts of process ``rank``: every
+    ``world_size``-th by length, so that every process gets a batch as soon as there is a text for each."""
+    order = sorted((i for i, t in enumerate(tokens) if len(t)), key=lambda i: -len(tokens[i]))[rank::world_size]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         yield make_batch([tokens[i] for i in rows], separator,

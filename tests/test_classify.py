@@ -514,8 +514,9 @@ def test_gradual_unfreezing_under_ddp(tmp_path):
                           text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "epoch 1: training layer2, head" in done.stdout + done.stderr
-    weights = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert weights["epoch"] == 1 and weights["rnnlm"]["task"] == "classification"
+    assert "`Trainer.fit` stopped: `max_epochs=2` reached" in done.stdout + done.stderr
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["rnnlm"]["task"] == "classification"
 
 
 def test_a_run_resumed_mid_epoch_sees_the_batches_it_had_left(tmp_path):
@@ -584,3 +585,16 @@ def test_the_speed_script_measures_every_variant(tmp_path, monkeypatch, capsys):
     assert all(row["tokens_per_s"] > 0 for row in variants.values())
     assert variants["masks, bucketed"]["padding"] < variants["masks, random batches"]["padding"]
     assert set(lines[-1]["classifier / lm"]) == set(variants) - {"lm"}
+
+
+def test_evaluation_batches_give_every_process_its_share():
+    tokens = [np.arange(2, 2 + n % 9 + 1) for n in range(21)]
+    labels = [n % 2 for n in range(21)]
+    from rnnlm.classification_data import SortedLoader
+
+    ranks = [[i for b in SortedLoader(tokens, labels, 1, 64, world_size=2, rank=r) for i in b.index.tolist()]
+             for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(21)) and min(map(len, ranks)) == 10
+    single = [b for b in SortedLoader(tokens, labels, 1, 4)]
+    assert [len(b.index) for b in single] == [4, 4, 4, 4, 4, 1]
+    assert all(b.lengths[0] >= b.lengths[-1] for b in single)
