@@ -67,6 +67,10 @@ def _cli_class():
             })  # fmt: skip
             parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
 
+        def use_pretrained(self, config) -> None:
+            """The classifier reads its language model itself (``TextClassifier(init_from=...)``): its encoder, not
+            a whole LM with its architecture checks."""
+
     return ClassifierCLI
 
 

@@ -66,6 +66,9 @@ class LMDataModule(L.LightningDataModule):
             task. The source must have its own validation and test splits (or set val/test_fraction to 0).
         encode_workers: processes that encode a split into the cache (default: one per core for splits of more
             than 32 M characters and streams, one otherwise). The ids do not depend on it.
+        init_from: a pretrained model (a ``.ckpt``, a folder written by ``rnnlm.export`` or a Hub id) whose
+            tokenizer is used instead of ``tokenizer``, so that the ids are the ones its weights were trained on
+            (fine-tuning; the CLI sets it from ``model.init_from``).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class LMDataModule(L.LightningDataModule):
         encode_workers: int | None = None,
         variable_bptt: bool = False,
         variable_bptt_seed: int | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("bptt", bptt), ("min_frequency", min_frequency)):
@@ -173,6 +177,16 @@ class LMDataModule(L.LightningDataModule):
 
     def _load_or_train_tokenizer(self) -> Tokenizer:
         hp = self.hparams
+        if hp.get("init_from"):
+            from rnnlm.pretrained import describe_tokenizer, read_pretrained_tokenizer
+
+            tokenizer = read_pretrained_tokenizer(hp.init_from)
+            rank_zero_info(
+                f"rnnlm data: the tokenizer of the pretrained model {hp.init_from} ({describe_tokenizer(tokenizer)}) "
+                f"reads this data, so the ids are those its weights were trained on (data.tokenizer={hp.tokenizer} "
+                "is not used)."
+            )
+            return tokenizer
         if hp.tokenizer not in LEVELS:
             return load_pretrained(hp.tokenizer)
         cap = hp.max_vocab_size if hp.max_vocab_size is not None else (
@@ -243,8 +257,9 @@ class LMDataModule(L.LightningDataModule):
 
     def _log_summary(self) -> None:
         world, _ = self._world
+        tokenizer = (f"from:{self.hparams.init_from}" if self.hparams.get("init_from") else self.hparams.tokenizer)
         lines = [
-            f"rnnlm data: source={self.hparams.source} tokenizer={self.hparams.tokenizer} "
+            f"rnnlm data: source={self.hparams.source} tokenizer={tokenizer} "
             f"vocab={self.vocab_size:,} world_size={world}"
         ]
         for split in self.corpus.splits:
@@ -292,6 +307,7 @@ class LMDataModule(L.LightningDataModule):
             "source": self.hparams.source,
             "config_name": self.hparams.config_name,
             "tokenizer": self.hparams.tokenizer,
+            **({"tokenizer_from": self.hparams.init_from} if self.hparams.get("init_from") else {}),
             "vocab_size": self.vocab_size,
             "world_size": world,
             "streams": self.hparams.batch_size * world,

@@ -121,7 +121,8 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m rnnlm.evaluate", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="a .ckpt file written by rnnlm.fit")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--source", default=None, help="evaluate on another data source (default: the training data)")
     p.add_argument("--config_name", default=None, help="config of a Hub dataset given with --source")

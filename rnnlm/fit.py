@@ -6,11 +6,13 @@ the model (``--model.*``), the Trainer (``--trainer.*``), the optimizer and lear
 ``last.ckpt`` that SIGTERM, Ctrl-C and a periodic timer write) and the closing text sample (``--sample.*``).
 ``--print_config`` shows the resolved configuration. ``--ckpt_path last`` continues the newest checkpoint of the run
 in ``trainer.default_root_dir`` exactly, in a new process too (a requeued or resubmitted job), or starts the run
-when it has none yet.
+when it has none yet. ``--model.init_from PATH_OR_HUB_ID`` fine-tunes a pretrained model: its architecture and
+tokenizer are used, with a fresh optimizer, schedule and step count.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -39,7 +41,7 @@ from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data import LMDataModule
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.files import CheckpointError
+from rnnlm.files import CheckpointError, load_safely, save_atomically
 from rnnlm.lm import LanguageModel
 from rnnlm.tokenization import default_tokenizers_parallelism
 from rnnlm.tracking import choose_wandb_mode
@@ -55,6 +57,8 @@ class RNNLMCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         # A bidirectional model needs the backward chunks; the user sets it once, on the model.
         parser.link_arguments("model.config.bidirectional", "data.bidirectional")
+        # Fine-tuning: the data is read with the pretrained tokenizer (unless the vocabularies are matched).
+        parser.link_arguments(("model.init_from", "model.init_vocab"), "data.init_from", compute_fn=_tokenizer_source)
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Checkpoint to resume from: a path, or 'last' for the newest of the run in "
                                  "trainer.default_root_dir (none yet: start the run).")
@@ -75,13 +79,18 @@ class RNNLMCLI(LightningCLI):
         parser.add_lightning_class_args(TextSample, "sample")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        _refuse_moved_settings(sys.argv[1:] if args is None else args)
+        self.raw_args = sys.argv[1:] if args is None else args
+        _refuse_moved_settings(self.raw_args)
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config
         _find_last_checkpoint(config)
-        # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder.
+        self.use_pretrained(config)
+        # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder;
+        # unless W&B started the run already (a sweep agent, WANDB_RUN_ID, wandb.init in the calling code):
+        # that one keeps its id and name, and it is the only run.
+        started = wandb_run_started()
         files = config.get("config") or []
         stem = Path(str(files[0])).stem if files else "rnnlm"
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
@@ -89,12 +98,17 @@ class RNNLMCLI(LightningCLI):
         for logger in loggers:
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
                 args = logger.init_args
-                if resumed and not (args.get("id") or args.get("version")):
+                if resumed and not started and not (args.get("id") or args.get("version")):
                     args.id, args.name = resumed["id"], args.get("name") or resumed.get("name")
-                if not args.get("name"):
+                if not args.get("name") and not started:
                     args.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
                 if args.get("save_dir") in (None, "."):
                     args.save_dir = config.trainer.default_root_dir or "runs"
+
+    def use_pretrained(self, config) -> None:
+        """Fine-tuning: with ``model.init_from``, the run takes the pretrained model's architecture and tokenizer."""
+        if config.model.get("init_from"):
+            _use_pretrained(config, getattr(self, "raw_args", None))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self.config_init.trainer
@@ -110,6 +124,7 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
     keep_freed_memory()
     flush_denormals()
     wandb_mode = choose_wandb_mode()
+    existing_run = _current_wandb_run()  # started by the caller: theirs to finish
     cli = RNNLMCLI(
         LanguageModel,
         LMDataModule,
@@ -120,6 +135,7 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         parser_kwargs={"description": __doc__},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    model.run_config = _plain(cli.config.as_dict())  # for the model card of an export
     for logger in trainer.loggers:
         # The full resolved configuration and the package version, besides the hparams Lightning logs itself.
         logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
@@ -131,13 +147,17 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
+            if best and trainer.is_global_zero and "test" in model.measured:
+                _record_test_metrics(best, model.measured["test"])
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
-            best = ckpt.best_model_path or os.path.join(ckpt.dirpath, "last.ckpt")
-            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {best})")
+            shown = best or os.path.join(ckpt.dirpath, "last.ckpt")
+            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {shown})")
+            if not trainer.interrupted:
+                _log_exported_model(trainer, shown)
     except TrainingInterrupted as stop:
         if stop.requeued:
             # SLURM takes a requeued job off its nodes with SIGTERM: expected from now on, until the process ends,
@@ -156,9 +176,159 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
     finally:
         # One call of main is one run: close it, or a later run in the same process would write into it.
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger.experiment is not existing_run:
                 logger.experiment.finish()
     return cli
+
+
+# ------------------------------------------------------------------------------------------ W&B
+def _current_wandb_run():
+    wandb = sys.modules.get("wandb")  # never imported: no run can have been started
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def wandb_run_started() -> bool:
+    """Whether W&B has started this run already: a sweep agent (or a user) set WANDB_RUN_ID / WANDB_SWEEP_ID for
+    this process, or the calling code called ``wandb.init``. rnnlm then neither names the run nor starts another."""
+    return bool(os.environ.get("WANDB_RUN_ID") or os.environ.get("WANDB_SWEEP_ID")) or _current_wandb_run() is not None
+
+
+def _log_exported_model(trainer: Trainer, checkpoint: str) -> None:
+    """With ``WandbLogger(log_model=...)``: export ``checkpoint`` beside the run's checkpoints (``<run>/model``)
+    and log the folder as a W&B model artifact (offline runs keep it for ``wandb sync``)."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and getattr(lg, "_log_model", False)]
+    if not loggers or not checkpoint or not os.path.isfile(checkpoint):
+        return
+    import wandb
+
+    from rnnlm.export import export
+
+    folder = Path(checkpoint).parent.parent / "model"
+    result = export(checkpoint, str(folder), overwrite=True)
+    saved = load_safely(checkpoint).get("rnnlm", {})
+    metadata = {"checkpoint": checkpoint, "parameters": result["parameters"], "rnnlm_version": __version__}
+    for stage, values in (saved.get("metrics") or {}).items():
+        metadata.update({f"{stage}/{k}": v for k, v in values.items()})
+    for logger in loggers:
+        run = logger.experiment
+        artifact = wandb.Artifact(f"rnnlm-{run.id}", type="model", metadata=metadata,
+                                  description="rnnlm exported model: model.safetensors, config.json, tokenizer.json, "
+                                  "README.md (load with rnnlm.load(folder))")
+        artifact.add_dir(str(folder))
+        run.log_artifact(artifact, aliases=["latest"])
+        print(f"rnnlm: exported {checkpoint} to {folder}, logged to W&B as the model artifact rnnlm-{run.id}",
+              flush=True)
+
+
+def _record_test_metrics(path: str, metrics: dict) -> None:
+    """Add the test metrics to the checkpoint they were measured on, so that an export's model card has them."""
+    try:
+        checkpoint = load_safely(path)
+    except CheckpointError:
+        return
+    checkpoint.setdefault("rnnlm", {}).setdefault("metrics", {})["test"] = dict(metrics)
+    save_atomically(checkpoint, path)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types only (what a checkpoint read with weights_only=True may hold)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+def _tokenizer_source(init_from: str | None, init_vocab: str | None) -> str | None:
+    """The pretrained model whose tokenizer reads the data: ``model.init_from``, unless the vocabularies are
+    matched (then the data module builds its own)."""
+    return init_from if init_vocab != "match" else None
+
+
+def _use_pretrained(config, raw_args) -> None:
+    """Take the model's architecture (and, where this run does not set them, its regularisers) from the pretrained
+    model of ``model.init_from``, refusing the settings of this run that contradict it, by name."""
+    from rnnlm.pretrained import pretrained_summary
+
+    spec, mode = config.model.init_from, config.model.get("init_vocab", "same")
+    pretrained, kind = pretrained_summary(spec)
+    explicit_model = _explicit_settings(raw_args, "model.config")
+    explicit_data = _explicit_settings(raw_args, "data")
+    settings = config.model.config
+    architecture = set(pretrained.architecture()) - {"vocab_size"}
+    conflicts = []
+    for name, value in pretrained.to_dict().items():
+        if name in ("vocab_size", "format_version"):
+            continue
+        ours = settings.get(name)
+        if name in explicit_model:
+            if name in architecture and _norm(ours) != _norm(value):
+                conflicts.append(f"{name}: this run {_norm(ours)!r}, pretrained {_norm(value)!r}")
+        else:
+            setattr(settings, name, value)
+    if conflicts:
+        raise ConfigError(
+            f"model.init_from {spec}: the pretrained model's architecture is kept, and this run's settings contradict "
+            "it: " + "; ".join(conflicts) + ". Remove them from the command line and config file (or give the "
+            "pretrained values); the regularisers (dropouts, weight_drop, locked_dropout) may differ."
+        )
+    config.data.bidirectional = pretrained.bidirectional
+    level = config.data.get("tokenizer")
+    if mode == "same":
+        if "tokenizer" in explicit_data and level != kind and not str(level).endswith(".json"):
+            raise ConfigError(
+                f"data.tokenizer={level} but the pretrained model {spec} reads {kind} tokens: fine-tuning uses the "
+                f"pretrained tokenizer so that the ids match its weights. Remove data.tokenizer (or set it to {kind})"
+                + (", or set model.init_vocab=match to map the shared tokens of a new vocabulary."
+                   if kind in ("word", "char") else ".")
+            )
+    else:
+        if "tokenizer" not in explicit_data:
+            config.data.tokenizer = kind
+        elif level != kind:
+            raise ConfigError(
+                f"model.init_vocab=match maps tokens between vocabularies of the same level: the pretrained model "
+                f"{spec} is {kind}-level, data.tokenizer is {level}."
+            )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _explicit_settings(args, section: str) -> set[str]:
+    """The names under ``section`` (``model.config``, ``data``) that this run sets itself: on the command line
+    (``--section.name v``, ``--section.name=v``, or the section as YAML) or in a ``--config`` file."""
+    if not isinstance(args, (list, tuple)):
+        return set()
+    found: set[str] = set()
+    prefix = f"--{section}."
+    for i, arg in enumerate(args):
+        if arg.startswith(prefix):
+            found.add(arg[len(prefix):].split("=")[0].split(".")[0])
+        name, _, inline = arg.partition("=")
+        if name in ("--config", f"--{section}", f"--{section.split('.')[0]}"):
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            content = _yaml_value(value)
+            keys = ["model", "config"] if section == "model.config" else ["data"]
+            depth = 0 if name == "--config" else len(name[2:].split("."))
+            for key in keys[depth:]:
+                content = content.get("init_args", content) if isinstance(content, dict) else {}
+                content = content.get(key) if isinstance(content, dict) else {}
+            content = content.get("init_args", content) if isinstance(content, dict) else {}
+            if isinstance(content, dict):
+                found.update(content)
+    return found
+
+
+def _yaml_value(value: str) -> Any:
+    """A YAML file's content, or the value itself parsed as YAML."""
+    import yaml
+
+    try:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                return yaml.safe_load(f)
+        return yaml.safe_load(value)
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def _saved_wandb_run(ckpt_path: str | None) -> dict | None:

@@ -23,7 +23,8 @@ from rnnlm.inference import Sample, load
 
 def main(argv: list[str] | None = None) -> list[Sample]:
     p = argparse.ArgumentParser(prog="python -m rnnlm.generate", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="a .ckpt file written by rnnlm.fit")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = always the most likely token")

@@ -1,13 +1,14 @@
 """Using a trained model without Lightning: load it, encode text, sample.
 
     import rnnlm
-    lm = rnnlm.load("runs/.../checkpoints/last.ckpt")
+    lm = rnnlm.load("runs/.../checkpoints/last.ckpt")   # or an exported folder, or a Hub id OWNER/NAME
     print(lm.sample("The with statement", max_new_tokens=200, temperature=0.7, seed=0))
     for s in lm.samples("The with statement", num_samples=4, top_p=0.9, seed=0, stop_at_separator=True):
         print(s.text)
     out = lm.model(ids, targets)          # a plain torch module: RNNLM
 
-A checkpoint is read with ``weights_only=True``: it holds tensors and plain types only, so loading runs no code.
+A checkpoint is read with ``weights_only=True`` and an exported folder's weights are a safetensors file: both hold
+tensors and plain types only, so loading runs no code.
 """
 
 from __future__ import annotations
@@ -160,10 +161,28 @@ def config_of_checkpoint(checkpoint: dict) -> RNNLMConfig:
     return RNNLMConfig.from_dict({k: v for k, v in hparams.items() if k in names})
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainedModel:
-    """Load a trained model, its tokenizer and what it knows of its data from an rnnlm checkpoint (``.ckpt``)."""
-    path = str(path)
-    checkpoint = load_safely(path, map_location)
+def load(
+    path_or_repo: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> TrainedModel:
+    """Load a trained model, its tokenizer and what it knows of its data.
+
+    ``path_or_repo`` is an rnnlm checkpoint (``.ckpt``), a folder written by ``python -m rnnlm.export``
+    (``model.safetensors``, ``config.json``, ``tokenizer.json``), or a Hugging Face Hub model id ``OWNER/NAME``
+    (downloaded and cached by ``huggingface_hub``; ``revision`` picks a branch, tag or commit). Neither kind of file
+    can run code when loaded.
+    """
+    from rnnlm.pretrained import locate, read_folder
+
+    kind, where = locate(path_or_repo, revision)
+    if kind == "folder":
+        return read_folder(where, map_location)
+    return from_checkpoint(load_safely(where, map_location), str(where), map_location)
+
+
+def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model in a checkpoint already read with :func:`rnnlm.files.load_safely`."""
     extra = checkpoint.get("rnnlm")
     if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")

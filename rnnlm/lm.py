@@ -13,10 +13,12 @@ training streams' hidden states and the random-number generators' states of ever
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -32,6 +34,9 @@ from rnnlm.training import ChunkLengthLR, NonFiniteGuard, TokensPerSecond, writi
 
 LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
+INIT_VOCAB = ("same", "match")
+REGULARISERS = ("dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop",
+                "locked_dropout")
 
 
 def loss_metrics(loss, chars_per_token: float | None = None) -> dict:
@@ -85,6 +90,15 @@ class LanguageModel(L.LightningModule):
             of the state before that step and stops with an explanation; ``skip`` drops the step (no weight update,
             the carried state restarts from zeros) and goes on; ``ignore`` does not check, which saves one host
             synchronisation per step on a GPU (see :class:`~rnnlm.training.NonFiniteGuard`).
+        init_from: start from the weights of a pretrained model (a ``.ckpt``, a folder written by
+            ``rnnlm.export``, or a Hub id ``OWNER/NAME``) instead of random ones: fine-tuning. The optimizer,
+            schedule and step count start afresh. ``config`` must have its architecture (the CLI takes it from the
+            pretrained model); the regularisers (dropouts, weight drop) may differ. The data must use the
+            pretrained tokenizer (the CLI sets ``data.init_from``), unless ``init_vocab="match"``.
+        init_vocab: ``same`` (the pretrained tokenizer, so the ids match) or ``match``: a word- or char-level
+            model fine-tuned with the vocabulary of the new data, whose tokens that the pretrained vocabulary has
+            get their pretrained embedding and decoder rows and the others the mean of the pretrained rows
+            (ULMFiT's recipe).
 
     With variable-length BPTT (``data.variable_bptt``) each step's learning rate is scaled by ``chunk length /
     bptt``, as in AWD-LSTM (:class:`~rnnlm.training.ChunkLengthLR`).
@@ -96,6 +110,8 @@ class LanguageModel(L.LightningModule):
         activation_regularization: float = 0.0,
         temporal_activation_regularization: float = 0.0,
         on_nonfinite: str = "stop",
+        init_from: str | None = None,
+        init_vocab: str = "same",
     ) -> None:
         super().__init__()
         for name, value in (("activation_regularization", activation_regularization),
@@ -104,6 +120,8 @@ class LanguageModel(L.LightningModule):
                 raise ConfigError(f"model.{name} must be >= 0, got {value!r}.")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
+        if init_vocab not in INIT_VOCAB:
+            raise ConfigError(f"model.init_vocab must be one of {', '.join(INIT_VOCAB)}, got {init_vocab!r}.")
         config = config if isinstance(config, RNNLMConfig) else RNNLMConfig.from_dict(dict(config))
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()  # plain types: checkpoints load with weights_only=True
@@ -120,6 +138,77 @@ class LanguageModel(L.LightningModule):
         self.chars_per_token: dict[str, float] = {}
         self._data_facts: dict = {}
         self._resume: dict | None = None  # what on_load_checkpoint read, applied when training starts
+        # Metrics of the last validation / test pass (plain floats, with the step): saved with the weights they
+        # were measured on, for the model card of an export.
+        self.measured: dict[str, dict] = {}
+        # The resolved run configuration (set by the CLI), saved in checkpoints for the model card.
+        self.run_config: dict | None = None
+        self._pretrained = None  # with init_vocab="match": kept until the data's tokenizer is known
+        self._pretrained_tokenizer: Tokenizer | None = None
+        self.init_report: dict | None = None
+        if init_from is not None:
+            self._init_from(init_from, init_vocab)
+
+    # ----------------------------------------------------------------------------------------- fine-tuning
+    def _init_from(self, spec: str, mode: str) -> None:
+        from rnnlm.inference import load
+        from rnnlm.pretrained import architecture_differences, tokenizer_kind, transfer
+
+        pretrained = load(spec)
+        differ = architecture_differences(pretrained.config, self.config, vocab=mode == "same")
+        if differ:
+            raise ConfigError(
+                f"model.init_from {spec}: the pretrained model has another architecture than this run ("
+                + "; ".join(differ) + "). Leave the architecture to the pretrained model (the CLI takes it from there)."
+            )
+        kind = tokenizer_kind(pretrained.tokenizer, pretrained.data.get("tokenizer"))
+        changed = [f"{k} {getattr(pretrained.config, k)!r} -> {getattr(self.config, k)!r}" for k in REGULARISERS
+                   if getattr(pretrained.config, k) != getattr(self.config, k)]
+        self.init_report = {"from": spec, "mode": mode, "tokenizer": kind, "regularisation": changed}
+        if mode == "match":
+            if kind not in ("word", "char"):
+                raise ConfigError(
+                    f"model.init_vocab=match maps the tokens of word- and char-level vocabularies; {spec} has a "
+                    f"{kind} tokenizer, whose pieces cannot be matched to another one's. Fine-tune with its own "
+                    "tokenizer (init_vocab same)."
+                )
+            if self.config.output == "adaptive":
+                raise ConfigError(
+                    "model.init_vocab=match is not supported with output='adaptive': its clusters are ranges of ids "
+                    "sorted by their frequency in the pretraining data. Fine-tune with the pretrained tokenizer "
+                    "(init_vocab same)."
+                )
+            self._pretrained = pretrained  # the rows are mapped once the data's tokenizer is known (use_data)
+            return
+        self.init_report.update(transfer(pretrained.model, self.model))
+        self._pretrained_tokenizer = pretrained.tokenizer
+        self._announce()
+
+    def _announce(self) -> None:
+        r = self.init_report
+        if r["mode"] == "match":
+            vocab = (f"{r['matched']:,} of the {r['tokens']:,} tokens of this run's vocabulary are in the pretrained "
+                     f"one and start from their pretrained rows; the other {r['new']:,} start at the mean of the "
+                     "pretrained rows")
+        else:
+            vocab = f"the pretrained tokenizer ({r['tokenizer']}, {r['tokens']:,} tokens) is used, so the ids match"
+        regularisation = ("; regularisation differs from the pretraining: " + ", ".join(r["regularisation"])
+                          if r["regularisation"] else "")
+        rank_zero_info(f"rnnlm: initialised from {r['from']}: every weight; {vocab}{regularisation}. The "
+                       "optimizer, learning-rate schedule and step count start afresh.")
+
+    def _match_vocabulary(self, tokenizer: Tokenizer) -> None:
+        from rnnlm.pretrained import tokenizer_kind, transfer, vocabulary_map
+
+        pretrained, self._pretrained = self._pretrained, None
+        kind = tokenizer_kind(tokenizer)
+        if kind != self.init_report["tokenizer"]:
+            raise ConfigError(
+                f"model.init_vocab=match: the pretrained model is {self.init_report['tokenizer']}-level but this "
+                f"run's tokenizer is {kind}-level; set data.tokenizer to {self.init_report['tokenizer']}."
+            )
+        self.init_report.update(transfer(pretrained.model, self.model, vocabulary_map(pretrained.tokenizer, tokenizer)))
+        self._announce()
 
     # ----------------------------------------------------------------------------------------- data link
     def use_data(self, tokenizer: Tokenizer, chars_per_token: dict[str, float], facts: dict | None = None) -> None:
@@ -131,6 +220,18 @@ class LanguageModel(L.LightningModule):
                 f"{tokenizer.get_vocab_size(with_added_tokens=True)}; they must match (leave model.config.vocab_size "
                 "to the data module)."
             )
+        if self._pretrained_tokenizer is not None:
+            from rnnlm.pretrained import describe_tokenizer, same_tokenizer
+
+            if not same_tokenizer(tokenizer, self._pretrained_tokenizer):
+                raise ConfigError(
+                    f"The data's tokenizer ({describe_tokenizer(tokenizer)}) is not the one of the pretrained model "
+                    f"{self.init_report['from']} ({describe_tokenizer(self._pretrained_tokenizer)}), so the ids would "
+                    "read the wrong rows. Give the data module init_from too (the CLI does), or, at word or char "
+                    "level, use init_vocab='match'."
+                )
+        if self._pretrained is not None:
+            self._match_vocabulary(tokenizer)
         self.tokenizer_json = tokenizer.to_str()
         self.chars_per_token = dict(chars_per_token)
         self._data_facts = dict(facts or {})
@@ -149,6 +250,11 @@ class LanguageModel(L.LightningModule):
         self.use_data(description["tokenizer"], description["chars_per_token"], description["facts"])
 
     def on_fit_start(self) -> None:
+        if self._pretrained is not None:
+            raise ConfigError(
+                "model.init_vocab=match maps the pretrained rows onto the data's vocabulary, so it needs a data "
+                "module with a tokenizer (LMDataModule), not plain loaders."
+            )
         facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": self._data_facts}
         for logger in self.loggers:
             logger.log_hyperparams(facts)
@@ -253,7 +359,11 @@ class LanguageModel(L.LightningModule):
                 losses[direction] = metric.compute()  # token-weighted mean over all batches and ranks
                 metric.reset()
         if losses:
-            self.log_dict(self._metrics(stage, losses), prog_bar=(stage == "val"), sync_dist=False)
+            metrics = self._metrics(stage, losses)
+            self.log_dict(metrics, prog_bar=(stage == "val"), sync_dist=False)
+            if not self.trainer.sanity_checking:
+                self.measured[stage] = {"step": self.trainer.global_step,
+                                        **{k.split("/", 1)[1]: float(v) for k, v in metrics.items()}}
 
     # ----------------------------------------------------------------------------------------- epochs
     def on_train_start(self) -> None:
@@ -291,12 +401,20 @@ class LanguageModel(L.LightningModule):
             "tokenizer": self.tokenizer_json,
             "chars_per_token": dict(self.chars_per_token),
         }
+        # What an export's model card tells: the data, the validation metrics of these very weights, the run.
+        if self._data_facts:
+            checkpoint["rnnlm"]["data"] = self._data_facts
+        val = self.measured.get("val")
+        if val is not None and val["step"] == self.trainer.global_step:
+            checkpoint["rnnlm"]["metrics"] = {"val": dict(val)}
+        if self.run_config is not None:
+            checkpoint["rnnlm"]["run_config"] = self.run_config
         if self.trainer.state.fn == "fit":
             checkpoint["rnnlm"]["resume"] = self._resume_state()
             for logger in self.loggers:
                 if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
                     # A resumed run continues the same W&B run (and so the same checkpoint folder).
-                    checkpoint["rnnlm"]["wandb_run"] = {"id": logger.version, "name": logger.name}
+                    checkpoint["rnnlm"]["wandb_run"] = _wandb_run_facts(logger)
 
     def _resume_state(self) -> dict:
         """The training streams' carried states and the RNG states, one slice per process."""
@@ -363,3 +481,22 @@ class LanguageModel(L.LightningModule):
                 "or start a new run without --ckpt_path."
             )
 
+
+
+def _wandb_run_facts(logger: WandbLogger) -> dict:
+    """The W&B run's id and name (what resuming needs), and where it lives when known (for a model card).
+
+    (``WandbLogger.name`` is the project's name; the run's own name is the experiment's.)"""
+    run = logger.experiment
+    facts = {"id": logger.version, "name": getattr(run, "name", None) or logger.name}
+    # An offline run has no URL (and warns when asked for one). (Not `run.offline`: reading that property during
+    # training left the offline run's file unwritten at finish, wandb 0.31.)
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+    for key in ("project", "entity") if offline else ("project", "entity", "url"):
+        try:
+            value = getattr(run, key, None)
+        except Exception:  # noqa: BLE001 - an offline or disabled run may not know it
+            value = None
+        if isinstance(value, str) and value:
+            facts[key] = value
+    return facts

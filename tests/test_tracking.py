@@ -209,3 +209,108 @@ def test_step_metrics_are_logged_on_the_steps_the_loggers_write(corpus_dir, tmp_
         assert float(row["train/loss"]) == pytest.approx(recorder.loss[step + 1], rel=1e-6)
         assert row["lr"] and row["train/grad_norm"] and row["train/ppl"]
     assert cli.trainer.global_step == 12
+
+
+# ----------------------------------------------------------------------------------------- sweeps, artifacts
+@pytest.mark.slow  # a fresh process, as the agent starts: W&B reads WANDB_RUN_ID once per process
+def test_a_sweep_agents_run_is_used_as_it_is(corpus_dir, tmp_path):
+    """What `wandb agent` does for each run of configs/sweeps/quickstart.yaml: it creates the run (WANDB_RUN_ID,
+    WANDB_SWEEP_ID, the parameters in WANDB_SWEEP_PARAM_PATH) and starts the sweep's command with the parameters
+    as --name=value flags (built here by wandb's own function). rnnlm must log into that run, under the name W&B
+    gave it, and start no other."""
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    from wandb.sdk.lib import config_util
+
+    sweep = yaml.safe_load((ROOT / "configs" / "sweeps" / "quickstart.yaml").read_text())
+    assert sweep["metric"] == {"name": "val/loss", "goal": "minimize"}
+    params = {name: {"value": spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))}
+              for name, spec in sweep["parameters"].items()}
+    params["model.config.tie_weights"] = {"value": True}  # passed as "True"
+    run_id, sweep_id = "agentrun1", "sweep42"
+    param_path = tmp_path / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
+    config_util.save_config_file_from_dict(str(param_path), params)
+    flags = create_sweep_command_args({"args": params})["args"]
+    assert "--model.config.hidden_size=128" in flags and "--model.config.tie_weights=True" in flags
+    # The sweep's command as the agent expands it, the test's own settings (data, folders, a short run) inserted
+    # before the agent's flags, which win.
+    own = fit_args(tmp_path, corpus_dir, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+                   "--trainer.limit_test_batches", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+                   tiny=False)[2:]  # without its --config: the sweep's command has one
+    expand = {"${env}": ["/usr/bin/env"], "${interpreter}": [sys.executable], "${args}": [*own, *flags]}
+    cmd = [part for piece in sweep["command"] for part in expand.get(piece, [piece])]
+    cmd = [str(ROOT / part) if part.endswith(".yaml") else part for part in cmd]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": run_id,
+           "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_DIR": str(tmp_path)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert [r.name.endswith(f"-{run_id}") for r in runs] == [True]  # one run: the agent's
+    records = _records(runs[0])
+    run = records["run"][0].run
+    assert run.run_id == run_id and run.sweep_id == sweep_id
+    assert run.display_name == ""  # not renamed: W&B names a sweep's runs itself
+    config = {}
+    for record in records["config"]:
+        config.update(_items(record.config.update))
+    resolved = config["config"]
+    model = resolved["model"]["config"]
+    assert (model["hidden_size"], model["num_layers"], model["tie_weights"]) == (128, 1, True)
+    assert resolved["data"]["bptt"] == 64 and resolved["optimizer"]["init_args"]["lr"] == pytest.approx(0.0003)
+    assert f"checkpoints in {tmp_path / 'rnnlm' / run_id / 'checkpoints'}" in proc.stdout
+
+
+def test_a_run_the_caller_started_is_used_and_left_open(corpus_dir, tmp_path, offline):
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="mine", name="my-own-run")
+    try:
+        cli = fit_main(_tiny(corpus_dir, tmp_path, steps=2))
+        assert cli.trainer.logger.version == run.id and cli.trainer.logger.experiment is run
+        assert wandb.run is run and run.name == "my-own-run"  # not renamed, not finished: the caller's
+    finally:
+        run.finish()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_the_equals_form_of_flags_is_accepted_and_old_paths_are_named():
+    from rnnlm.errors import ConfigError
+    from rnnlm.fit import _refuse_moved_settings
+
+    _refuse_moved_settings(["--model.config.hidden_size=16", "--model.init_from=someone/model"])
+    with pytest.raises(ConfigError, match=r"--model.hidden_size \(now --model.config.hidden_size\)"):
+        _refuse_moved_settings(["--model.hidden_size=16"])
+
+
+def test_log_model_logs_the_exported_folder_as_a_model_artifact(corpus_dir, tmp_path, offline):
+    import torch
+
+    import rnnlm
+    from rnnlm.export import logits_difference
+    from rnnlm.pretrained import FILES
+
+    cli = fit_main([*_tiny(corpus_dir, tmp_path, steps=6), "--trainer.logger.init_args.log_model", "true"])
+    run_id = cli.trainer.logger.version
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    folder = best.parent.parent / "model"
+    identical, _ = logits_difference(rnnlm.load(best), rnnlm.load(folder))
+    assert identical and sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+
+    records = _records(next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")))
+    ours = [r.artifact for r in records.get("artifact", []) if r.artifact.name == f"rnnlm-{run_id}"]
+    assert len(ours) == 1 and ours[0].type == "model"
+    assert {entry.path for entry in ours[0].manifest.contents} == set(FILES)
+    metadata = json.loads(ours[0].metadata)
+    saved = torch.load(best, weights_only=True)["rnnlm"]["metrics"]
+    assert metadata["val/loss"] == saved["val"]["loss"] and metadata["test/loss"] == saved["test"]["loss"]
+
+    # The model card: what the checkpoint knows, nothing unknown.
+    card = (folder / "README.md").read_text()
+    run_name = cli.trainer.logger.experiment.name
+    assert run_name.startswith("quickstart-") and f"Run `{run_name}` (id `{run_id}`" in card
+    assert f"| validation | {saved['val']['loss']:.4f} |" in card and f"| test | {saved['test']['loss']:.4f} |" in card
+    assert f"{cli.datamodule.stats['train']['tokens']:,} tokens" in card
+    assert "configs/quickstart.yaml" in card and "library_name: rnnlm" in card
+    for unknown in ("None", "null", "TODO", "More Information Needed", "[", "?"):
+        assert unknown not in card.split("```yaml")[0], unknown
