@@ -32,7 +32,7 @@ against a loop under ``torch.inference_mode``.
 
 Peak memory (``train`` and ``eval``, unless ``--no-memory``): after the timing, each side runs alone in a fresh
 process (``--side rnnlm`` / ``--side hand``, one block) and reports its resident memory before the first step and
-its peak resident set size during the steps (the peak is restarted there, so that setting up the data does not
+its peak resident set size during the steps (``VmHWM``, restarted there, so that setting up the data does not
 count); the difference is what the steps themselves need. ``--side`` alone runs that one side and reports the
 same. On a GPU the peak GPU memory allocated by each side's blocks is reported instead, from the interleaved run.
 
@@ -176,19 +176,31 @@ def _rates(tokens: int, start: tuple[float, float], end: tuple[float, float]) ->
     return tokens / (end[0] - start[0]), tokens / max(end[1] - start[1], 1e-9)
 
 
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_mib() -> float:
     """Resident memory of this process now (MiB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    now = _status_mib("VmRSS")
+    return float("nan") if now is None else now
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process (MiB; ``ru_maxrss`` is in KiB on Linux) since the start or the last
-    :func:`start_rss_peak`."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (MiB) since it started or since :func:`start_rss_peak`.
+
+    Linux's ``VmHWM``: ``ru_maxrss`` would not do, as a process started by another (fork, then exec) inherits the
+    parent's peak there.
+    """
+    peak = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 def start_rss_peak() -> float:
