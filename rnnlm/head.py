@@ -6,22 +6,23 @@ are: softmax minus one-hot, over N. So :func:`linear_cross_entropy` forms the lo
 into that block's loss and, when gradients are needed, straight into the block's gradients for the inputs, the
 weight and the bias, then drops them. The full ``[N, V]`` matrix never exists; the backward pass only scales the
 stored gradients by the incoming one. The mathematics is exactly that of the plain head (the tests compare the
-loss and every gradient with ``F.cross_entropy(F.linear(...))`` to float32 rounding); what changes is the order of
-the work:
+loss and every gradient with ``F.cross_entropy(F.linear(...))`` to float32 rounding, and against float64 both
+heads are equally close); what changes is the order of the work:
 
 - The plain head writes the ``[N, V]`` logits, reads them for the log-softmax, writes its output, writes an
   ``[N, V]`` one-hot gradient, reads both for the log-softmax gradient and writes that: six passes over a matrix
-  of N x V floats (93 MB for the WikiText-2 recipe) that no cache holds. Here a block of rows is a few MB: formed
-  once, normalised in place, and read by the two gradient products while it is still in cache.
-- Each block's logits are formed transposed, ``[V, rows] = W @ x.T``: for the tall, thin products of an output
-  layer (V >> D) this was 1.5x faster than ``x @ W.T`` with MKL on the development CPU. The softmax statistics are
-  then reductions over dimension 0, and 1 / (sum of exponentials) is folded into the small operands of the two
-  gradient products instead of being applied to the block.
+  that no cache holds (93 MB for the WikiText-2 recipe). Here a block is formed, normalised by one softmax (a row
+  at a time, in cache) and read by the two gradient products.
+- On a CPU each block's logits are formed ``FORWARD_TILE`` classes at a time, so that the product's output stays
+  in cache: with MKL on the development CPU this product ran 1.3-1.5x faster than one ``x @ W.T`` over the whole
+  vocabulary, which is most of the gain.
+- The bias is one more column of the weight against a column of ones in the inputs: adding it costs no pass over
+  a block, and its gradient comes out of the weight-gradient product as one more column.
 
 Under autocast (``precision="bf16-mixed"``) the three matrix products run in the autocast dtype, as ``F.linear``
-would; the softmax, the loss and the accumulation of the weight and bias gradients over the blocks are float32,
-as the plain head's ``logits.float()`` cross-entropy is (the plain head rounds the whole weight gradient to bf16
-once; here each block's share is rounded, then summed in float32).
+would; the softmax, the loss and the sums of the weight and bias gradients over the blocks are float32, as the
+plain head's ``logits.float()`` cross-entropy is (the plain head rounds the whole weight gradient to bf16 once;
+here each block's share is rounded, then summed in float32).
 
 Targets equal to ``-100`` are ignored, as by ``F.cross_entropy``: the loss is the mean over the other positions.
 """
@@ -34,32 +35,33 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
-# Logits per block on a CPU (float32: 16 MiB), and the fewest rows a block may have: below it the weight-gradient
-# product, which reads and writes the whole [V, D] gradient once per block, costs more than the cache saves.
-CPU_BLOCK_ELEMENTS = 1 << 22
+# The rule for the default (docs/performance.md has the measurements, on the 2-core development CPU with one torch
+# thread per process). Output layer alone, fused / plain: 0.8x at 105 classes, 0.99x at 2,048, 1.02x at 4,096,
+# 1.06x at 8,192, 1.11x at 16,384, about 1.3x at 33,278; the gain grows with the vocabulary.
+CPU_MIN_VOCAB = 4096
+# Logits per block on a CPU (float32: 32 MiB; 252 rows for WikiText-2, where 192-256 rows were fastest), and the
+# fewest rows a block may have: below it the weight-gradient product, which reads and writes the whole [V, D]
+# gradient once per block, costs more than the small blocks save.
+CPU_BLOCK_ELEMENTS = 1 << 23
 MIN_BLOCK_ROWS = 64
-# A vocabulary below this computes its full logits in a few cache-sized passes: the plain head is as fast.
-CPU_MIN_VOCAB = 1024
+# Classes per forward product on a CPU (1,024 was as fast as 512 and 2,048 or faster).
+FORWARD_TILE = 1024
 # On a GPU the fused head is used when the full logits would exceed this many elements (1 GiB in float32): there
-# it saves memory that matters; below it the plain head's fused kernels are kept (not measured yet on a GPU).
+# it saves memory that matters; below it the plain head's kernels are kept (not measured on a GPU yet:
+# scripts/gpu_check.sh measures both).
 GPU_MIN_LOGITS = 1 << 28
 GPU_BLOCK_ELEMENTS = 1 << 26
-# On a CPU each block's logits are formed this many classes at a time: the product's output then stays in cache.
-FORWARD_TILE = 2048
 
 
 def auto_block_rows(vocab_size: int, rows: int, device: torch.device) -> int:
-    """Rows per block that :func:`linear_cross_entropy` uses by default for ``rows`` positions over ``vocab_size``
-    classes on ``device``; 0 means the plain head (``F.linear`` + ``F.cross_entropy``) is the faster one there.
+    """Rows per block that the model uses by default for ``rows`` positions over ``vocab_size`` classes on
+    ``device``; 0 means the plain head (``F.linear`` + ``F.cross_entropy``).
 
-    The rule (measured on the development CPU, see docs/performance.md): on a CPU, blocks of about 4 M logits
-    (16 MiB) and at least 64 rows for vocabularies of 1024 and more; on a GPU, blocks of 64 M logits only when the
-    full logits would exceed 256 M elements.
+    On a CPU: the fused head from 4,096 classes up, in blocks of about 8 M logits (at least 64 rows); on a GPU:
+    blocks of 64 M logits, only when the full logits would exceed 256 M elements.
     """
     if device.type == "cpu":
-        if vocab_size < CPU_MIN_VOCAB:
-            return 0
-        return max(MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // vocab_size)
+        return max(MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // vocab_size) if vocab_size >= CPU_MIN_VOCAB else 0
     if rows * vocab_size <= GPU_MIN_LOGITS:
         return 0
     return max(MIN_BLOCK_ROWS, GPU_BLOCK_ELEMENTS // vocab_size)

@@ -32,8 +32,9 @@ against a loop under ``torch.inference_mode``.
 
 Peak memory (``train`` and ``eval``, unless ``--no-memory``): after the timing, each side runs alone in a fresh
 process (``--side rnnlm`` / ``--side hand``, one block) and reports its resident memory before the first step and
-its peak resident set size (``ru_maxrss``); the difference is what the steps themselves need. ``--side`` alone
-runs that one side and reports the same.
+its peak resident set size during the steps (``VmHWM``, restarted there, so that setting up the data does not
+count); the difference is what the steps themselves need. ``--side`` alone runs that one side and reports the
+same. On a GPU the peak GPU memory allocated by each side's blocks is reported instead, from the interleaved run.
 
 ``profile``: where the time of a hand-written training step goes (embedding + RNN forward, decoder + softmax,
 backward, clipping, optimizer), and the top operators by CPU time.
@@ -175,18 +176,42 @@ def _rates(tokens: int, start: tuple[float, float], end: tuple[float, float]) ->
     return tokens / (end[0] - start[0]), tokens / max(end[1] - start[1], 1e-9)
 
 
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_mib() -> float:
     """Resident memory of this process now (MiB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    now = _status_mib("VmRSS")
+    return float("nan") if now is None else now
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB; ``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (MiB) since it started or since :func:`start_rss_peak`.
+
+    Linux's ``VmHWM``: ``ru_maxrss`` would not do, as a process started by another (fork, then exec) inherits the
+    parent's peak there.
+    """
+    peak = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
+
+
+def start_rss_peak() -> float:
+    """Restart the peak from the resident memory now (Linux: ``clear_refs``), so that the peak measures what comes
+    next and not the set-up (tokenizer, data, imports); returns the memory now (MiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return rss_mib()
 
 
 def _detach(state):
@@ -474,7 +499,7 @@ class _Interleave(L.Callback):
                 self.hand.model.load_state_dict(ours)
                 self.same_start = True
             self.hand_rng = _rng_state(pl_module.device)
-        self.rss_before = rss_mib()
+        self.rss_before = start_rss_peak()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.stamps:
@@ -540,7 +565,7 @@ def _one_side(kind: str, side: str, rates: list[tuple[float, float]], rss_before
     wall, cpu = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
     peak = peak_rss_mib()
     print(f"{kind}, {side} alone: {wall:,.0f} tokens/s ({cpu:,.0f} per CPU-second); resident memory before the "
-          f"first step {rss_before:,.0f} MiB, peak {peak:,.0f} MiB (+{peak - rss_before:,.0f} MiB for the steps)")
+          f"first step {rss_before:,.0f} MiB, peak during the steps {peak:,.0f} MiB (+{peak - rss_before:,.0f} MiB)")
     return {"mode": kind, "side": side, "wall_tokens_per_s": wall, "cpu_tokens_per_s": cpu,
             "rss_before_mib": round(rss_before, 1), "peak_rss_mib": round(peak, 1),
             "step_memory_mib": round(peak - rss_before, 1)}
@@ -582,7 +607,7 @@ def bench_train(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, pr
             cli.model = None  # this process measures the hand-written side alone
             torch.manual_seed(recipe.seed)
             loop = hand_written_loop(recipe, vocab, data.ids["train"], device)
-            rss_before = rss_mib()
+            rss_before = start_rss_peak()
             rates = [loop.timed_block(warmup, steps) for _ in range(repeats)]
             return {**_one_side("train", "hand", rates, rss_before), **facts}
         def compare(model, hand: HandWrittenLoop, steps_taken: int) -> dict:
@@ -646,7 +671,8 @@ def bench_eval(rnnlm_args: list[str], warmup: int, steps: int, repeats: int, bat
         device = cli.trainer.strategy.root_device
         if side == "hand":
             cli.model = model = None  # this process measures the hand-written side alone
-        rss_before = rss_mib()
+            loop = hand_written_loop(recipe, data.vocab_size, data.ids["train"], device)
+        rss_before = start_rss_peak()
         gpu_peak: dict[str, float] = {}
         for _ in range(repeats):
             if side != "hand":

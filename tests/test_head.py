@@ -142,8 +142,8 @@ def test_block_rows_is_checked():
 
 def test_the_automatic_rule():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert auto_block_rows(105, 3200, cpu) == 0  # characters: the plain head
-    rows = auto_block_rows(33_278, 700, cpu)  # the WikiText-2 word vocabulary: blocks of a few MB
+    assert auto_block_rows(105, 3200, cpu) == auto_block_rows(2000, 700, cpu) == 0  # the plain head
+    rows = auto_block_rows(33_278, 700, cpu)  # the WikiText-2 word vocabulary: blocks of a few tens of MB
     assert MIN_BLOCK_ROWS <= rows < 700 and rows * 33_278 * 4 <= 32 << 20
     assert auto_block_rows(267_735, 700, cpu) == MIN_BLOCK_ROWS
     assert auto_block_rows(33_278, 700, gpu) == 0  # 93 MB of logits on a GPU: the plain head
