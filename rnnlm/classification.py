@@ -142,6 +142,9 @@ class TextClassifier(L.LightningModule):
         self.tokenizer_json: str | None = self.pretrained_tokenizer
         self.max_length: int | None = None
         self._data_facts: dict = {}
+        # The latest metrics of each evaluation stage and the step they were measured at, for an export's card.
+        self.measured: dict[str, dict] = {}
+        self.run_config: dict | None = None  # the CLI's resolved settings, for the model card of an export
         # Wall-clock seconds of training (validation included) before this process's, from a resumed checkpoint.
         self._seconds_before = 0.0
         self._started: float | None = None
@@ -262,6 +265,9 @@ class TextClassifier(L.LightningModule):
         self._metrics[stage].reset()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/accuracy": metrics["accuracy"],
                        f"{stage}/f1_macro": metrics["f1_macro"]}, prog_bar=(stage == "val"))
+        if not self.trainer.sanity_checking:
+            self.measured[stage] = {"step": self.global_step, "loss": loss.item(),
+                                    "accuracy": metrics["accuracy"].item(), "f1_macro": metrics["f1_macro"].item()}
         if stage == "val" and self.trainer.state.fn == "fit":  # accuracy against training time
             self.log("val/train_seconds", torch.tensor(self.train_seconds()))
         if not self.trainer.sanity_checking:
@@ -306,6 +312,13 @@ class TextClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rnnlm"] = {"version": __version__, "task": TASK, "tokenizer": self.tokenizer_json,
                                "max_length": self.max_length, "train_seconds": self.train_seconds()}
+        val = self.measured.get("val")
+        if val is not None and val["step"] == self.global_step:
+            checkpoint["rnnlm"]["metrics"] = {"val": dict(val)}
+        if self.run_config is not None:
+            checkpoint["rnnlm"]["run_config"] = self.run_config
+        if self._data_facts:
+            checkpoint["rnnlm"]["data"] = self._data_facts
         if self.trainer.state.fn == "fit":
             for logger in self.loggers:
                 if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:

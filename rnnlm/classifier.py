@@ -132,6 +132,7 @@ class Classifier(nn.Module):
                 raise ConfigError(f"{name} must be a probability in [0, 1), got {p!r}.")
         self.config = config
         self.num_classes = num_classes
+        self.head_settings = {"head_hidden": head_hidden, "pool_dropout": pool_dropout, "head_dropout": head_dropout}
         self.encoder = RNNLM(config)
         for name in ("projection", "decoder", "projection_backward", "decoder_backward"):
             if hasattr(self.encoder, name):
@@ -203,6 +204,15 @@ class TrainedClassifier:
     def __post_init__(self) -> None:
         self.encoder = Encoder(self.tokenizer)
 
+    @property
+    def config(self) -> RNNLMConfig:
+        """The encoder's settings."""
+        return self.model.config
+
+    def head_settings(self) -> dict:
+        """What an exported folder's config.json keeps beside the encoder's settings to rebuild this classifier."""
+        return {"labels": list(self.labels), "max_length": self.max_length, **self.model.head_settings}
+
     def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's token ids, cut to ``max_length``."""
         return encode_texts(self.encoder, texts, self.max_length)[0]
@@ -262,9 +272,17 @@ def is_classifier_checkpoint(checkpoint: dict) -> bool:
     return isinstance(checkpoint.get("rnnlm"), dict) and checkpoint["rnnlm"].get("task") == TASK
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainedClassifier:
-    """Load a classifier checkpoint written by ``rnnlm.classify`` (weights, tokenizer, labels)."""
-    path = str(path)
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         revision: str | None = None) -> TrainedClassifier:
+    """Load a classifier (weights, tokenizer, labels): a checkpoint written by ``rnnlm.classify``, a folder written
+    from one by ``rnnlm.export``, or the Hugging Face Hub model id it was pushed to (``revision``: a branch, tag or
+    commit)."""
+    from rnnlm.pretrained import locate, read_classifier_folder
+
+    kind, where = locate(path, revision)
+    if kind == "folder":
+        return read_classifier_folder(where, map_location)
+    path = str(where)
     checkpoint = load_safely(path, map_location)
     if not is_classifier_checkpoint(checkpoint):
         raise CheckpointError(

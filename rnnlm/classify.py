@@ -84,6 +84,7 @@ def train(args: list[str] | None = None):
     from rnnlm.classification_data import ClassificationDataModule
     from rnnlm.cpu import flush_denormals, keep_freed_memory
     from rnnlm.files import CheckpointError
+    from rnnlm.fit import log_exported_model, plain, record_test_metrics
     from rnnlm.tokenization import default_tokenizers_parallelism
     from rnnlm.tracking import choose_wandb_mode
 
@@ -102,6 +103,7 @@ def train(args: list[str] | None = None):
         auto_configure_optimizers=False,  # the model builds its own: one parameter group per layer group
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    model.run_config = plain(cli.config.as_dict())
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_mode == "offline":
@@ -115,10 +117,14 @@ def train(args: list[str] | None = None):
         if cli.config.test_after_fit and "test" in data.splits and not trainer.interrupted:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
+            if best and trainer.is_global_zero and "test" in model.measured:
+                record_test_metrics(best, model.measured["test"])
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
             best = ckpt.best_model_path or os.path.join(ckpt.dirpath, "last.ckpt")
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {best})")
+            if not trainer.interrupted:
+                log_exported_model(trainer, best)
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
             print(f"rnnlm: {stop}", flush=True)

@@ -8,6 +8,10 @@ card written from what the checkpoint knows. It is written to a temporary folder
 read back and checked: its logits must equal the checkpoint's bit for bit. ``rnnlm.load``, ``rnnlm.generate``
 and ``rnnlm.evaluate`` read the folder, or the Hub repo it was pushed to, as they read the checkpoint.
 ``--checkpoint`` may also be an exported folder, to push it as it is.
+
+A classifier checkpoint of ``rnnlm.classify`` exports the same way: its config.json adds the labels and the head's
+settings, its card the classification results, and ``rnnlm.classifier.load`` / ``rnnlm.classify predict`` read
+the folder; the check compares the classifier's logits.
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ from pathlib import Path
 import torch
 
 from rnnlm import __version__
+from rnnlm.classifier import from_checkpoint as classifier_from_checkpoint
+from rnnlm.classifier import is_classifier_checkpoint
 from rnnlm.errors import run_main
 from rnnlm.files import load_safely
 from rnnlm.inference import TrainedModel, from_checkpoint
 from rnnlm.model import DIRECTIONS
 from rnnlm.pretrained import (
+    CLASSIFIER,
     FILES,
     PretrainedError,
+    folder_task,
     locate,
     looks_like_repo_id,
+    read_classifier_folder,
     read_folder,
     tokenizer_kind,
     write_folder,
@@ -52,6 +61,7 @@ TRAINER_KEYS = ("max_epochs", "max_steps", "precision", "gradient_clip_val", "gr
 DATA_SKIP = ("cache_dir", "encode_workers", "init_from")
 METRIC_COLUMNS = (("loss", "loss (nats/token)", 4), ("ppl", "perplexity", 2), ("bits_per_token", "bits/token", 4),
                   ("bpc", "bits/character", 4))
+CLASSIFIER_COLUMNS = (("accuracy", "accuracy", 4), ("f1_macro", "macro-F1", 4), ("loss", "loss (nats)", 4))
 
 
 # --------------------------------------------------------------------------------------------- the model card
@@ -78,11 +88,11 @@ def describe_model(trained: TrainedModel, kind: str) -> str:
             f"{_count(params)} parameters, a vocabulary of {_count(c.vocab_size)} tokens.")
 
 
-def _metrics_table(metrics: dict) -> list[str]:
+def _metrics_table(metrics: dict, columns: tuple = METRIC_COLUMNS) -> list[str]:
     """A Markdown table of the validation and test metrics measured on these weights (per direction too)."""
 
     def row(label: str, m: dict, prefix: str = "") -> str:
-        cells = [f"{m[prefix + key]:.{digits}f}" if prefix + key in m else "" for key, _, digits in METRIC_COLUMNS]
+        cells = [f"{m[prefix + key]:.{digits}f}" if prefix + key in m else "" for key, _, digits in columns]
         return f"| {label} | " + " | ".join(cells) + " |"
 
     rows = []
@@ -93,8 +103,8 @@ def _metrics_table(metrics: dict) -> list[str]:
             rows += [row(f"{label}, {d}", m, f"{d}/") for d in DIRECTIONS if f"{d}/loss" in m]
     if not rows:
         return []
-    header = "| split | " + " | ".join(title for _, title, _ in METRIC_COLUMNS) + " |"
-    return [header, "|" + " --- |" * (len(METRIC_COLUMNS) + 1), *rows]
+    header = "| split | " + " | ".join(title for _, title, _ in columns) + " |"
+    return [header, "|" + " --- |" * (len(columns) + 1), *rows]
 
 
 def _training_config(checkpoint: dict) -> dict:
@@ -229,6 +239,83 @@ def model_card(checkpoint: dict, trained: TrainedModel, load_as: str, title: str
     return str(ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"))
 
 
+def classifier_card(checkpoint: dict, trained, load_as: str, title: str | None = None) -> str:
+    """The README.md of an exported classifier (a :class:`~rnnlm.classifier.TrainedClassifier`), from what its
+    checkpoint knows."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    extra = checkpoint.get("rnnlm", {})
+    hp = checkpoint.get("hyper_parameters", {})
+    data, c, head = trained.data, trained.config, trained.model.head_settings
+    kind = tokenizer_kind(trained.tokenizer, data.get("tokenizer"))
+    source, base = data.get("source"), hp.get("init_from")
+    hub_dataset = isinstance(source, str) and looks_like_repo_id(source) and not os.path.exists(source)
+    card_data = ModelCardData(
+        library_name="rnnlm",
+        tags=["rnnlm", "text-classification", "ulmfit", "recurrent-neural-network", c.cell, f"{kind}-level"],
+        datasets=[source] if hub_dataset else None,
+        base_model=base if isinstance(base, str) and looks_like_repo_id(base) and not os.path.exists(base) else None,
+        pipeline_tag="text-classification",
+    )
+    params = sum(p.numel() for p in trained.model.parameters())
+    directions = "forward and backward states concatenated" if c.bidirectional else "forward states"
+    hidden = f"a hidden layer of {head['head_hidden']}" if head["head_hidden"] else "one linear layer"
+    labels = ", ".join(f"`{label}`" for label in trained.labels)
+    lines = [
+        f"# {title or load_as.rstrip('/').split('/')[-1]}", "",
+        f"A text classifier ({len(trained.labels)} classes: {labels}) on the encoder of a "
+        f"{KIND_WORDS.get(kind, kind)} {CELL_WORDS[c.cell]} language model ({c.num_layers} x "
+        f"{', '.join(f'{s:,}' for s in sorted(set(c.layer_sizes)))} units, {c.embedding_dim}-dimensional "
+        f"embeddings, {_count(c.vocab_size)} tokens): concat pooling of the top layer (last state, max, mean; "
+        f"{directions}), then a head with {hidden} (ULMFiT); {_count(params)} parameters. Texts are read up to "
+        f"{_count(trained.max_length)} tokens.", "",
+    ]
+    if base:
+        lines += [f"Fine-tuned from the language model `{base}`.", ""]
+    lines += ["## Data", ""]
+    if source:
+        lines.append(f"- Source: `{source}`, text field `{data.get('text_field', 'text')}`, label field "
+                     f"`{data.get('label_field', 'label')}`.")
+    splits = (extra.get("data") or {}).get("splits") or {}
+    for split in ("train", "validation", "test"):
+        if split in splits:
+            s = splits[split]
+            counts = ", ".join(f"{k}: {_count(n)}" for k, n in (s.get("class_counts") or {}).items())
+            lines.append(f"- {split}: {_count(s['rows'])} texts" + (f", {_count(s['tokens'])} tokens" if "tokens" in s
+                         else "") + (f" ({counts})" if counts else "") + ".")
+    lines += [f"- Tokenizer: {KIND_WORDS.get(kind, kind)}, {_count(trained.tokenizer.get_vocab_size())} tokens "
+              "(`tokenizer.json`).", ""]
+    table = _metrics_table(extra.get("metrics") or {}, CLASSIFIER_COLUMNS)
+    if table:
+        lines += ["## Results", "", "Measured on these weights over the whole split.", "", *table, ""]
+    lines += ["## Training", ""]
+    if checkpoint.get("global_step") is not None:
+        lines += [f"{_count(checkpoint['global_step'])} optimizer steps (epoch {checkpoint.get('epoch', 0) + 1}) with "
+                  f"rnnlm {extra.get('version', __version__)}.", ""]
+    lines += ["```yaml", yaml.safe_dump(_training_config(checkpoint), sort_keys=False).rstrip(), "```", ""]
+    wandb_run = extra.get("wandb_run") or {}
+    if wandb_run.get("id"):
+        lines += ["## Weights & Biases", "", f"Run `{wandb_run.get('name') or wandb_run['id']}` (id "
+                  f"`{wandb_run['id']}`).", ""]
+    lines += [
+        "## How to use", "",
+        "```python",
+        "import rnnlm.classifier",
+        "",
+        f"clf = rnnlm.classifier.load({load_as!r})",
+        'print(clf.predict(["a text to classify"]))   # [Prediction(label=..., probabilities={...})]',
+        "```", "",
+        "```bash",
+        f"python -m rnnlm.classify predict --checkpoint {load_as} --input texts.txt   # one JSON line per text",
+        "```", "",
+        f"Loading needs the `rnnlm` Python package (this folder was written by version {__version__}). "
+        "`model.safetensors` holds tensors only (loading it runs no code); `config.json` holds the encoder's "
+        "settings, the labels and the head's settings, `tokenizer.json` the Hugging Face tokenizer.",
+    ]
+    return str(ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"))
+
+
 # --------------------------------------------------------------------------------------------- export
 @torch.no_grad()
 def logits_difference(a: TrainedModel, b: TrainedModel, length: int = 64, seed: int = 0) -> tuple[bool, float]:
@@ -243,6 +330,17 @@ def logits_difference(a: TrainedModel, b: TrainedModel, length: int = 64, seed: 
         equal = equal and torch.equal(x, y)
         worst = max(worst, (x - y).abs().max().item())
     return equal, worst
+
+
+@torch.no_grad()
+def classifier_logits_difference(a, b, length: int = 40, seed: int = 0) -> tuple[bool, float]:
+    """The same check for two classifiers, on texts of three lengths in one padded batch."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(a.config.vocab_size, (3, length), generator=generator)
+    lengths = torch.tensor([length, length // 2, 3])
+    x = a.model(ids.to(next(a.model.parameters()).device), lengths).cpu()
+    y = b.model(ids.to(next(b.model.parameters()).device), lengths).cpu()
+    return torch.equal(x, y), (x - y).abs().max().item()
 
 
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, kept: bool = True) -> str:
@@ -289,7 +387,7 @@ def export(
         if out is not None:
             raise PretrainedError(f"{checkpoint} is an exported folder already: give a .ckpt to export, or only "
                                   "--push_to_hub to upload the folder as it is.")
-        read_folder(path)
+        (read_classifier_folder if folder_task(path) == CLASSIFIER else read_folder)(path)
         result = {"folder": str(path), "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())
                                                  if p.name in FILES}}
         if push_to_hub:
@@ -298,13 +396,18 @@ def export(
     if out is None and push_to_hub is None:
         raise PretrainedError("Say where the exported model goes: --out DIR, --push_to_hub OWNER/NAME, or both.")
     saved = load_safely(path)
-    trained = from_checkpoint(saved, str(path))
+    if is_classifier_checkpoint(saved):
+        trained = classifier_from_checkpoint(saved, str(path))
+        card_of, read_back, difference = classifier_card, read_classifier_folder, classifier_logits_difference
+    else:
+        trained = from_checkpoint(saved, str(path))
+        card_of, read_back, difference = model_card, read_folder, logits_difference
     with tempfile.TemporaryDirectory(prefix="rnnlm-export-") as scratch:
         folder = Path(out) if out is not None else Path(scratch) / push_to_hub.split("/")[-1]
-        card = model_card(saved, trained, load_as=push_to_hub or str(out))
+        card = card_of(saved, trained, load_as=push_to_hub or str(out))
         files = write_folder(trained, folder, card, overwrite=overwrite)
-        again = read_folder(folder)
-        identical, worst = logits_difference(trained, again)
+        again = read_back(folder)
+        identical, worst = difference(trained, again)
         if not identical:  # a bug, never a user's mistake: say so loudly
             raise RuntimeError(f"The exported folder {folder} gives other logits than {path} (max |diff| {worst}).")
         result = {"checkpoint": str(path), "folder": str(folder) if out is not None else None, "files": files,
@@ -318,7 +421,8 @@ def export(
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m rnnlm.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a .ckpt written by rnnlm.fit (or an exported folder, to push)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt written by rnnlm.fit or rnnlm.classify (or an exported folder, to push)")
     p.add_argument("--out", default=None, help="the folder to write (must not exist, or be empty, or --overwrite)")
     p.add_argument("--push_to_hub", default=None, metavar="OWNER/NAME",
                    help="also upload the folder to this Hugging Face Hub model repo (created if needed)")

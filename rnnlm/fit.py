@@ -135,7 +135,7 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         parser_kwargs={"description": __doc__},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    model.run_config = _plain(cli.config.as_dict())  # for the model card of an export
+    model.run_config = plain(cli.config.as_dict())  # for the model card of an export
     for logger in trainer.loggers:
         # The full resolved configuration and the package version, besides the hparams Lightning logs itself.
         logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
@@ -151,13 +151,13 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
             if best and trainer.is_global_zero and "test" in model.measured:
-                _record_test_metrics(best, model.measured["test"])
+                record_test_metrics(best, model.measured["test"])
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
             shown = best or os.path.join(ckpt.dirpath, "last.ckpt")
             print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {shown})")
             if not trainer.interrupted:
-                _log_exported_model(trainer, shown)
+                log_exported_model(trainer, shown)
     except TrainingInterrupted as stop:
         if stop.requeued:
             # SLURM takes a requeued job off its nodes with SIGTERM: expected from now on, until the process ends,
@@ -193,7 +193,7 @@ def wandb_run_started() -> bool:
     return bool(os.environ.get("WANDB_RUN_ID") or os.environ.get("WANDB_SWEEP_ID")) or _current_wandb_run() is not None
 
 
-def _log_exported_model(trainer: Trainer, checkpoint: str) -> None:
+def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
     """With ``WandbLogger(log_model=...)``: export ``checkpoint`` beside the run's checkpoints (``<run>/model``)
     and log the folder as a W&B model artifact (offline runs keep it for ``wandb sync``)."""
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and getattr(lg, "_log_model", False)]
@@ -220,7 +220,7 @@ def _log_exported_model(trainer: Trainer, checkpoint: str) -> None:
               flush=True)
 
 
-def _record_test_metrics(path: str, metrics: dict) -> None:
+def record_test_metrics(path: str, metrics: dict) -> None:
     """Add the test metrics to the checkpoint they were measured on, so that an export's model card has them."""
     try:
         checkpoint = load_safely(path)
@@ -230,7 +230,7 @@ def _record_test_metrics(path: str, metrics: dict) -> None:
     save_atomically(checkpoint, path)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """``value`` as JSON types only (what a checkpoint read with weights_only=True may hold)."""
     return json.loads(json.dumps(value, default=str))
 

@@ -9,6 +9,10 @@ An exported folder is what people share language models as::
     tokenizer.json      the Hugging Face tokenizer, as is
     README.md           a model card (written by ``rnnlm.export``)
 
+A text classifier (``rnnlm.classify``) is exported the same way: its config.json adds ``"task": "classification"``
+and the head's settings and labels (``classifier``); :func:`read_classifier_folder` reads it, and each reader
+refuses the other's folder by name.
+
 :func:`locate` turns what the user gave (a ``.ckpt``, a folder, or a Hub repo id ``OWNER/NAME``, downloaded and
 cached by ``huggingface_hub``) into a local path; :func:`read_folder` checks a folder against its config before a
 weight is used; :func:`write_folder` writes one so that a reader sees either nothing or all of it.
@@ -46,7 +50,11 @@ CARD_FILE = "README.md"
 FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE)
 MODEL_TYPE = "rnnlm"
 # config.json holds the RNNLMConfig fields plus these; anything else is refused by name.
-EXTRA_KEYS = ("model_type", "rnnlm_version", "tokenizer_kind", "data", "chars_per_token")
+EXTRA_KEYS = ("model_type", "rnnlm_version", "tokenizer_kind", "data", "chars_per_token", "task", "classifier")
+LANGUAGE_MODEL = "language-model"  # config.json's "task" (absent: a language model)
+CLASSIFIER = "classification"  # the same word as a classifier checkpoint's checkpoint["rnnlm"]["task"]
+READERS = {LANGUAGE_MODEL: "rnnlm.load (and rnnlm.generate, evaluate, score, fit --model.init_from)",
+           CLASSIFIER: "rnnlm.classifier.load (and python -m rnnlm.classify predict / evaluate)"}
 # Data settings that describe one machine, not the data: left out of an exported config.
 LOCAL_DATA_SETTINGS = ("cache_dir", "encode_workers")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -157,10 +165,12 @@ def describe_tokenizer(tokenizer: Tokenizer, setting: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------- config.json
-def folder_config(config: RNNLMConfig, tokenizer: Tokenizer, data: dict, chars_per_token: dict) -> dict:
-    """What config.json holds: the model config with its format version, then what a loader needs."""
+def folder_config(config: RNNLMConfig, tokenizer: Tokenizer, data: dict, chars_per_token: dict,
+                  classifier: dict | None = None) -> dict:
+    """What config.json holds: the model config with its format version, then what a loader needs (for a
+    classifier, ``classifier``: its labels and head settings)."""
     data = {k: v for k, v in data.items() if k not in LOCAL_DATA_SETTINGS}
-    return {
+    values = {
         "model_type": MODEL_TYPE,
         **config.to_dict(),
         "rnnlm_version": __version__,
@@ -168,9 +178,13 @@ def folder_config(config: RNNLMConfig, tokenizer: Tokenizer, data: dict, chars_p
         "data": data,
         "chars_per_token": dict(chars_per_token),
     }
+    if classifier is not None:
+        values.update(task=CLASSIFIER, classifier=dict(classifier))
+    return values
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path, task: str | None = LANGUAGE_MODEL) -> dict:
+    """config.json of ``folder``, checked; ``task``: the kind of model the caller reads (None: either)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -205,12 +219,23 @@ def _read_config(folder: Path) -> dict:
             f"{FORMAT_VERSION} (the settings are the model's, {', '.join(sorted(names))}, and "
             f"{', '.join(EXTRA_KEYS)})."
         )
+    found = values.get("task", LANGUAGE_MODEL)
+    if found not in READERS:
+        raise PretrainedError(f"{path} has task {found!r}; this rnnlm knows {', '.join(map(repr, READERS))}.")
+    if task is not None and found != task:
+        what = {LANGUAGE_MODEL: "a language model", CLASSIFIER: "a text classifier"}
+        raise PretrainedError(f"{folder} holds {what[found]}, not {what[task]}: {READERS[found]} reads it.")
     return values
 
 
-def read_config(folder: str | os.PathLike) -> RNNLMConfig:
-    """The model config of an exported folder, checked."""
-    values = _read_config(Path(folder))
+def folder_task(folder: str | os.PathLike) -> str:
+    """What an exported folder holds: ``LANGUAGE_MODEL`` or ``CLASSIFIER`` (its config.json checked)."""
+    return _read_config(Path(folder), task=None).get("task", LANGUAGE_MODEL)
+
+
+def read_config(folder: str | os.PathLike, task: str | None = LANGUAGE_MODEL) -> RNNLMConfig:
+    """The model config of an exported folder (a classifier's: its encoder's), checked."""
+    values = _read_config(Path(folder), task)
     try:
         return RNNLMConfig.from_dict({k: v for k, v in values.items() if k not in EXTRA_KEYS})
     except ConfigError as err:
@@ -261,7 +286,7 @@ def _shared_groups(state: dict[str, Tensor]) -> list[set[str]]:
     return [names for names in by_storage.values() if len(names) > 1]
 
 
-def load_weights(model: RNNLM, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Fill ``model`` from the safetensors file ``path``, refusing (with names and shapes) missing, unexpected or
     mis-shaped tensors before a weight is touched."""
     from safetensors import SafetensorError, safe_open
@@ -330,6 +355,34 @@ def read_folder(folder: str | os.PathLike, map_location: str | torch.device = "c
                         chars_per_token=dict(chars))
 
 
+def read_classifier_folder(folder: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """The :class:`~rnnlm.classifier.TrainedClassifier` of a folder exported from a classifier checkpoint."""
+    from rnnlm.classifier import Classifier, TrainedClassifier
+
+    folder = Path(folder)
+    values = _read_config(folder, CLASSIFIER)
+    config = read_config(folder, CLASSIFIER)
+    head = values.get("classifier")
+    try:
+        labels, max_length = list(head["labels"]), int(head["max_length"])
+        model = Classifier(config, len(labels), head["head_hidden"], head["pool_dropout"], head["head_dropout"])
+    except (TypeError, KeyError, ValueError, ConfigError) as err:
+        raise PretrainedError(f"The classifier settings in {folder / CONFIG_FILE} cannot be used ({err!r}): it "
+                              "needs 'classifier' with labels, max_length, head_hidden, pool_dropout and "
+                              "head_dropout; re-export the classifier from its checkpoint.") from None
+    tokenizer = read_tokenizer(folder)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise PretrainedError(f"{folder / TOKENIZER_FILE} has {size:,} tokens but the encoder in {CONFIG_FILE} "
+                              f"reads only {config.vocab_size:,}: the files come from different models.")
+    load_weights(model, folder / MODEL_FILE)
+    data = values.get("data") or {}
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{folder / CONFIG_FILE}: 'data' must be a JSON object.")
+    return TrainedClassifier(model=model.to(map_location).eval(), tokenizer=tokenizer, labels=labels,
+                             max_length=max_length, data=dict(data))
+
+
 def read_pretrained_tokenizer(spec: str, revision: str | None = None) -> Tokenizer:
     """The tokenizer of a pretrained model, without building the model."""
     kind, path = locate(spec, revision)
@@ -366,7 +419,8 @@ def pretrained_summary(spec: str, revision: str | None = None) -> tuple[RNNLMCon
 
 # --------------------------------------------------------------------------------------------- writing
 def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False) -> dict[str, int]:
-    """Write ``trained`` (a TrainedModel) as an exported folder; return its files and their sizes in bytes.
+    """Write ``trained`` (a TrainedModel, or a TrainedClassifier) as an exported folder; return its files and their
+    sizes in bytes.
 
     Everything is written into a temporary folder beside ``out`` and renamed to ``out`` at the end, so ``out`` is
     either untouched or complete. An existing non-empty ``out`` is replaced only with ``overwrite``.
@@ -388,7 +442,9 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
 
             model = copy.deepcopy(model).cpu()
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt", "rnnlm_version": __version__})
-        config = folder_config(trained.config, trained.tokenizer, trained.data, trained.chars_per_token)
+        head = getattr(trained, "head_settings", None)
+        config = folder_config(trained.config, trained.tokenizer, trained.data,
+                               getattr(trained, "chars_per_token", {}), head() if head else None)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / TOKENIZER_FILE).write_text(trained.tokenizer.to_str(pretty=True), encoding="utf-8")
         if card is not None:

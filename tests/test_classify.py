@@ -14,11 +14,12 @@ import pytest
 import torch
 from conftest import CONFIG_DIR, make_text, tiny_data, tiny_model, tiny_trainer
 
+import rnnlm
 from rnnlm.classification import TextClassifier
 from rnnlm.classification_data import BucketLoader, ClassificationDataModule
 from rnnlm.classifier import Classifier, concat_pool, load, make_batch, reverse_texts
 from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.errors import ConfigError
+from rnnlm.errors import ConfigError, UserError
 from rnnlm.sources import DataError
 from rnnlm.tokenization import TokenizerError
 from rnnlm.ulmfit import SlantedTriangularLR
@@ -395,7 +396,7 @@ def _config(tmp_path: Path, source: Path, **model) -> Path:
     return path
 
 
-def test_cli_trains_from_a_pretrained_lm_then_predicts_and_evaluates(tmp_path, pretrained, capsys):
+def test_cli_trains_from_a_pretrained_lm_then_predicts_evaluates_and_exports(tmp_path, pretrained, capsys):
     from rnnlm.classify import main
 
     folder = tmp_path / "d"
@@ -428,6 +429,31 @@ def test_cli_trains_from_a_pretrained_lm_then_predicts_and_evaluates(tmp_path, p
     write_tsv(tmp_path / "other.tsv", [("abc", 0), ("abd", 7)])
     with pytest.raises(DataError, match=r"labels \[7\] that are not among the classes \[0, 1\]"):
         main(["evaluate", "--checkpoint", best, "--source", str(tmp_path / "other.tsv")])
+
+    # Exported, the classifier predicts and evaluates exactly as its checkpoint does.
+    from rnnlm.export import main as export_main
+
+    exported = export_main(["--checkpoint", best, "--out", str(tmp_path / "exported")])
+    assert exported["logits_identical"] and exported["max_abs_logit_diff"] == 0.0
+    assert sorted(exported["files"]) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    settings = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert settings["task"] == "classification" and settings["classifier"]["labels"] == [0, 1]
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and f"Fine-tuned from the language model `{pretrained}`" in card
+    assert f"| validation | {val_accuracy:.4f} |" in card and "| test |" in card
+    assert "rnnlm.classify predict --checkpoint" in card
+    by_folder = main(["evaluate", "--checkpoint", str(tmp_path / "exported")])
+    by_ckpt = main(["evaluate", "--checkpoint", best])
+    assert by_folder["accuracy"] == by_ckpt["accuracy"] and by_folder["loss"] == by_ckpt["loss"]
+    main(["predict", "--checkpoint", str(tmp_path / "exported"), "--input", str(tmp_path / "in.txt"),
+          "--output", str(tmp_path / "out2.jsonl")])
+    assert (tmp_path / "out2.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+    # Each loader refuses the other kind of folder by name.
+    with pytest.raises(UserError, match="holds a text classifier, not a language model: rnnlm.classifier.load"):
+        rnnlm.load(tmp_path / "exported")
+    export_main(["--checkpoint", str(pretrained), "--out", str(tmp_path / "lm")])
+    with pytest.raises(UserError, match="holds a language model, not a text classifier: rnnlm.load"):
+        main(["predict", "--checkpoint", str(tmp_path / "lm"), "--input", str(tmp_path / "in.txt")])
 
 
 def test_cli_logs_a_confusion_matrix_to_wandb(tmp_path, monkeypatch):
