@@ -35,11 +35,12 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
-# The rule for the default (docs/performance.md has the measurements, on the 2-core development CPU with one torch
-# thread per process). Output layer alone, fused / plain: 0.8x at 105 classes, 0.99x at 2,048, 1.02x at 4,096,
-# 1.06x at 8,192, 1.11x at 16,384, about 1.3x at 33,278; the gain grows with the vocabulary.
+# The rule for the default (scripts/head_speed.py; docs/performance.md has the measurements, on the 2-core
+# development CPU with one torch thread). Output layer alone, 700 rows, plain time / fused time: 0.71 at 105
+# classes, 0.98 at 1,024, 1.01 at 2,048, 0.9-1.08 at 4,096 and 8,192 (within the noise, at a fraction of the
+# memory), 1.25 at 16,384, 1.44 at 33,278: the gain grows with the vocabulary.
 CPU_MIN_VOCAB = 4096
-# Logits per block on a CPU (float32: 32 MiB; 252 rows for WikiText-2, where 192-256 rows were fastest), and the
+# Logits per block on a CPU (float32: 32 MiB; 252 rows for WikiText-2, where 128-256 rows were fastest), and the
 # fewest rows a block may have: below it the weight-gradient product, which reads and writes the whole [V, D]
 # gradient once per block, costs more than the small blocks save.
 CPU_BLOCK_ELEMENTS = 1 << 23
