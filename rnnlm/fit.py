@@ -81,6 +81,8 @@ class RNNLMCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         self.raw_args = sys.argv[1:] if args is None else args
         _refuse_moved_settings(self.raw_args)
+        if isinstance(self.raw_args, (list, tuple)):
+            args = _default_logger_folder(list(self.raw_args))
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
@@ -104,6 +106,8 @@ class RNNLMCLI(LightningCLI):
                     args.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
                 if args.get("save_dir") in (None, "."):
                     args.save_dir = config.trainer.default_root_dir or "runs"
+            elif getattr(getattr(logger, "init_args", None), "save_dir", None) == RUN_FOLDER:
+                logger.init_args.save_dir = config.trainer.default_root_dir or "runs"
 
     def use_pretrained(self, config) -> None:
         """Fine-tuning: with ``model.init_from``, the run takes the pretrained model's architecture and tokenizer."""
@@ -387,6 +391,30 @@ def _resume_command(args: list[str] | None, path: str) -> str:
         elif not arg.startswith("--ckpt_path="):
             kept.append(arg)
     return shlex.join(["python", "-m", "rnnlm.fit", *kept, "--ckpt_path", path])
+
+
+# Loggers whose save_dir has no default: named alone on the command line (as the configs' comments suggest,
+# `--trainer.logger lightning.pytorch.loggers.CSVLogger`), they write under the run's default_root_dir, as the
+# W&B logger does, instead of failing to parse.
+FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+RUN_FOLDER = "<trainer.default_root_dir>"
+
+
+def _default_logger_folder(args: list[str]) -> list[str]:
+    """``args`` with ``--trainer.logger.save_dir RUN_FOLDER`` after a logger of FOLDER_LOGGERS that is given no
+    save_dir (a save_dir given later still wins)."""
+    if any(a.startswith(("--trainer.logger.save_dir", "--trainer.logger.init_args.save_dir")) for a in args):
+        return args
+    for i, arg in enumerate(args):
+        if arg.startswith("--trainer.logger="):
+            value, at = arg.split("=", 1)[1], i + 1
+        elif arg == "--trainer.logger" and i + 1 < len(args):
+            value, at = args[i + 1], i + 2
+        else:
+            continue
+        if value.rsplit(".", 1)[-1] in FOLDER_LOGGERS:
+            return [*args[:at], "--trainer.logger.save_dir", RUN_FOLDER, *args[at:]]
+    return args
 
 
 def _refuse_moved_settings(args) -> None:

@@ -166,6 +166,19 @@ def test_plot_curves_from_csv_logs(corpus_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_a_logger_named_alone_on_the_command_line_writes_under_the_run_folder(corpus_dir, tmp_path):
+    """`--trainer.logger lightning.pytorch.loggers.CSVLogger`, as the configs' comments suggest: CSVLogger has no
+    default save_dir, so the run's folder (default_root_dir) is used, as for W&B, instead of a parser error."""
+    cli = fit_main([*_tiny(corpus_dir, tmp_path / "a", steps=3), "--test_after_fit", "false",
+                    "--trainer.logger=lightning.pytorch.loggers.CSVLogger"])
+    assert Path(cli.trainer.logger.save_dir) == tmp_path / "a"
+    assert next((tmp_path / "a").rglob("metrics.csv")).stat().st_size > 0
+    cli = fit_main([*_tiny(corpus_dir, tmp_path / "b", steps=1), "--test_after_fit", "false",
+                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                    str(tmp_path / "csv")])
+    assert Path(cli.trainer.logger.save_dir) == tmp_path / "csv"  # one the user gives wins
+
+
 def test_a_resumed_run_continues_its_wandb_run_and_checkpoint_folder(corpus_dir, tmp_path, offline):
     first = fit_main([*_tiny(corpus_dir, tmp_path, steps=3), "--test_after_fit", "false"])
     run_id = first.trainer.logger.version
