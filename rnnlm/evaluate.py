@@ -62,6 +62,17 @@ def stream_losses(
     return {name: total.item() / count for name, total in totals.items()}
 
 
+def evaluation_data(trained_on: dict, source: str | None = None, config_name: str | None = None,
+                    batch_size: int | None = None, bptt: int | None = None) -> LMDataModule:
+    """The data module of an evaluation: the model's own data (``trained_on``, its saved data settings), or
+    ``source`` read with the model's settings (text field, splitting) but not its training source's own: that
+    source's Hub configuration and revision would be looked for in the new one."""
+    settings = dict(trained_on)
+    if source is not None:
+        settings.update(source=source, config_name=config_name, revision=None)
+    return LMDataModule.from_hparams(settings, eval_batch_size=batch_size, bptt=bptt)
+
+
 def evaluate(
     checkpoint: str,
     split: str = "test",
@@ -86,9 +97,7 @@ def evaluate(
     trained = load(checkpoint, map_location=device)
     if pointer is not None and trained.config.bidirectional:
         raise ConfigError("The continuous pointer is for (forward) language models; this one is bidirectional.")
-    data = LMDataModule.from_hparams(
-        trained.data, source=source, config_name=config_name, eval_batch_size=batch_size, bptt=bptt
-    )
+    data = evaluation_data(trained.data, source, config_name, batch_size, bptt)
     data.use_tokenizer(trained.tokenizer)
     if split not in data.corpus.splits:
         raise DataError(f"No split {split!r} in {data.hparams.source!r}; it has {sorted(data.corpus.splits)}.")

@@ -89,6 +89,27 @@ def test_items_longer_than_one_pass_carry_their_state(trained, monkeypatch):
         assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
 
 
+def test_evaluate_reads_another_source_without_the_training_sources_hub_settings(trained, tmp_path):
+    from rnnlm.evaluate import evaluate, evaluation_data
+
+    # As if trained on a Hub dataset: its configuration and revision belong to that source, not to another one.
+    trained_on = {**load(trained[0]).data, "config_name": "wikitext-2-raw-v1", "revision": "refs/convert/parquet"}
+    own = evaluation_data(trained_on)
+    assert (own.hparams.config_name, own.hparams.revision) == ("wikitext-2-raw-v1", "refs/convert/parquet")
+    other = evaluation_data(trained_on, source="someone/reviews", batch_size=3)
+    assert other.hparams.source == "someone/reviews" and other.hparams.eval_batch_size == 3
+    assert (other.hparams.config_name, other.hparams.revision) == (None, None)
+    assert other.hparams.text_field == trained_on["text_field"]  # the model's reading settings stay
+    assert evaluation_data(trained_on, source="someone/wiki", config_name="en").hparams.config_name == "en"
+    # A local source through the whole command.
+    folder = tmp_path / "other"
+    folder.mkdir()
+    for name, seed in (("train.txt", 9), ("test.txt", 10)):
+        (folder / name).write_text(make_text(60, seed=seed))
+    result = evaluate(trained[0], split="test", source=str(folder), accelerator="cpu")
+    assert result["source"] == str(folder) and result["tokens"] > 0
+
+
 def test_the_definitions_of_evaluate(trained):
     lm = load(trained[0])
     results = scores(lm, ITEMS)
