@@ -294,14 +294,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _load_options(self) -> dict:
         hp = self.hparams
-        options = {}
-        delimiter = hp.delimiter
-        path = Path(hp.source).expanduser()
-        if delimiter is None and path.suffix.lower() == ".tsv":
-            delimiter = "\t"  # datasets reads a folder of .tsv files with tabs, but a single file with commas
-        if delimiter is not None:
-            options["delimiter"] = delimiter
-        return options
+        return {} if hp.delimiter is None else {"delimiter": hp.delimiter}
 
     def _raw_splits(self) -> dict:
         import datasets

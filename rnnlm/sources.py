@@ -166,6 +166,8 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
         _check_not_empty([path])
         content = hash_files([path], path.parent)
         kwargs = _text_kwargs(sample_by) if builder == "text" else {}
+        if path.suffix.lower() == ".tsv":
+            kwargs["delimiter"] = "\t"  # datasets reads a folder of .tsv files with tabs, but one file with commas
         kwargs.update(data_files={"train": str(path)}, streaming=streaming, **(options or {}))
         return _load_local(path, builder, content, **kwargs), content
     if path.is_dir():

@@ -191,9 +191,9 @@ def _write(fmt: str, path, field: str = "content") -> None:
     rows = [{"id": i, field: d} for i, d in enumerate(DOCS)]
     if fmt == "jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    elif fmt == "csv":
+    elif fmt in ("csv", "tsv"):
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", field])
+            writer = csv.DictWriter(f, fieldnames=["id", field], delimiter="," if fmt == "csv" else "\t")
             writer.writeheader()
             writer.writerows(rows)
     else:
@@ -203,7 +203,7 @@ def _write(fmt: str, path, field: str = "content") -> None:
         pq.write_table(pa.Table.from_pylist(rows), str(path))
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])
 def test_local_structured_files_with_a_custom_text_field(fmt, tmp_path):
     path = tmp_path / f"docs.{fmt}"
     _write(fmt, path)
