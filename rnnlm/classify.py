@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import time
 import warnings
@@ -76,15 +74,10 @@ def _cli_class():
 
 def train(args: list[str] | None = None):
     """``python -m rnnlm.classify --config ...``: train a classifier; returns the CLI object."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from rnnlm import __version__
-    from rnnlm.checkpointing import TrainingInterrupted
     from rnnlm.classification import TextClassifier
     from rnnlm.classification_data import ClassificationDataModule
     from rnnlm.cpu import flush_denormals, keep_freed_memory
-    from rnnlm.files import CheckpointError
-    from rnnlm.fit import log_exported_model, plain, record_test_metrics
+    from rnnlm.fit import current_wandb_run, run_training
     from rnnlm.tokenization import default_tokenizers_parallelism
     from rnnlm.tracking import choose_wandb_mode
 
@@ -92,6 +85,7 @@ def train(args: list[str] | None = None):
     keep_freed_memory()
     flush_denormals()
     wandb_mode = choose_wandb_mode()
+    existing_run = current_wandb_run()  # started by the caller: theirs to finish
     cli = _cli_class()(
         TextClassifier,
         ClassificationDataModule,
@@ -102,58 +96,8 @@ def train(args: list[str] | None = None):
         parser_kwargs={"description": __doc__},
         auto_configure_optimizers=False,  # the model builds its own: one parameter group per layer group
     )
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    model.run_config = plain(cli.config.as_dict())
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"config": cli.config.as_dict(), "rnnlm_version": __version__})
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and wandb_mode == "offline":
-            run_dir = Path(logger.experiment.dir).parent
-            print(f"rnnlm: W&B is offline (no credentials found or WANDB_MODE=offline): the run is in {run_dir}; "
-                  f"upload it later with `wandb sync {run_dir}`", flush=True)
-    if "validation" not in data.splits and trainer.checkpoint_callback is not None:
-        trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
-        if cli.config.test_after_fit and "test" in data.splits and not trainer.interrupted:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
-            if best and trainer.is_global_zero and "test" in model.measured:
-                record_test_metrics(best, model.measured["test"])
-        if trainer.is_global_zero and trainer.checkpoint_callback is not None:
-            ckpt = trainer.checkpoint_callback
-            best = ckpt.best_model_path or os.path.join(ckpt.dirpath, "last.ckpt")
-            print(f"rnnlm: checkpoints in {ckpt.dirpath} (best: {best})")
-            if not trainer.interrupted:
-                log_exported_model(trainer, best)
-    except TrainingInterrupted as stop:
-        if trainer.is_global_zero:
-            print(f"rnnlm: {stop}", flush=True)
-            if stop.path:
-                print(f"rnnlm: continue exactly where it stopped with:\n  {_resume_command(args, stop.path)}",
-                      flush=True)
-        raise SystemExit(128 + stop.signum) from None
-    except CheckpointError as err:
-        if trainer.is_global_zero:
-            print(f"rnnlm: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.finish()
+    run_training(cli, cli.datamodule.splits, "rnnlm.classify", args, wandb_mode, existing_run)
     return cli
-
-
-def _resume_command(args: list[str] | None, path: str) -> str:
-    argv = list(sys.argv[1:] if args is None else args)
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True
-        elif not arg.startswith("--ckpt_path="):
-            kept.append(arg)
-    return shlex.join(["python", "-m", "rnnlm.classify", *kept, "--ckpt_path", path])
 
 
 # ------------------------------------------------------------------------------------------------ use

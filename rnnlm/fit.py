@@ -128,7 +128,7 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
     keep_freed_memory()
     flush_denormals()
     wandb_mode = choose_wandb_mode()
-    existing_run = _current_wandb_run()  # started by the caller: theirs to finish
+    existing_run = current_wandb_run()  # started by the caller: theirs to finish
     cli = RNNLMCLI(
         LanguageModel,
         LMDataModule,
@@ -138,6 +138,16 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__},
     )
+    run_training(cli, cli.datamodule.corpus.splits, "rnnlm.fit", args, wandb_mode, existing_run)
+    return cli
+
+
+def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None, wandb_mode: str,
+                 existing_run=None) -> None:
+    """What ``rnnlm.fit`` and ``rnnlm.classify`` do with their CLI: log the resolved configuration, fit, test the
+    best checkpoint (its test metrics recorded in it, for an export's card), log the exported model to W&B with
+    ``log_model``; a stop by signal or a numerical or checkpoint fault ends with a message and an exit status.
+    ``splits``: the data's split names; ``command``: the module that resumes a stopped run."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     model.run_config = plain(cli.config.as_dict())  # for the model card of an export
     for logger in trainer.loggers:
@@ -147,12 +157,12 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
             run_dir = Path(logger.experiment.dir).parent
             print(f"rnnlm: W&B is offline (no credentials found or WANDB_MODE=offline): the run is in {run_dir}; "
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
-    if "validation" not in data.corpus.splits and trainer.checkpoint_callback is not None:
+    if "validation" not in splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if cli.config.test_after_fit and "test" in data.corpus.splits and not trainer.interrupted:
+        if cli.config.test_after_fit and "test" in splits and not trainer.interrupted:
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
             if best and trainer.is_global_zero and "test" in model.measured:
                 record_test_metrics(best, model.measured["test"])
@@ -170,8 +180,8 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         if trainer.is_global_zero:
             print(f"rnnlm: {stop}", flush=True)
             if stop.path and not stop.requeued:
-                command = _resume_command(args, stop.path)
-                print(f"rnnlm: continue exactly where it stopped with:\n  {command}", flush=True)
+                print(f"rnnlm: continue exactly where it stopped with:\n  {resume_command(command, args, stop.path)}",
+                      flush=True)
         raise SystemExit(128 + stop.signum) from None
     except (NonFiniteLossError, CheckpointError) as err:
         if trainer.is_global_zero:
@@ -182,11 +192,10 @@ def main(args: list[str] | None = None) -> RNNLMCLI:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger.experiment is not existing_run:
                 logger.experiment.finish()
-    return cli
 
 
 # ------------------------------------------------------------------------------------------ W&B
-def _current_wandb_run():
+def current_wandb_run():
     wandb = sys.modules.get("wandb")  # never imported: no run can have been started
     return getattr(wandb, "run", None) if wandb is not None else None
 
@@ -194,7 +203,7 @@ def _current_wandb_run():
 def wandb_run_started() -> bool:
     """Whether W&B has started this run already: a sweep agent (or a user) set WANDB_RUN_ID / WANDB_SWEEP_ID for
     this process, or the calling code called ``wandb.init``. rnnlm then neither names the run nor starts another."""
-    return bool(os.environ.get("WANDB_RUN_ID") or os.environ.get("WANDB_SWEEP_ID")) or _current_wandb_run() is not None
+    return bool(os.environ.get("WANDB_RUN_ID") or os.environ.get("WANDB_SWEEP_ID")) or current_wandb_run() is not None
 
 
 def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
@@ -379,8 +388,8 @@ def _say_last(message: str) -> None:
     print(f"rnnlm: --ckpt_path last: {message}", flush=True)
 
 
-def _resume_command(args: list[str] | None, path: str) -> str:
-    """The command line of this run with ``--ckpt_path`` pointing at ``path``."""
+def resume_command(command: str, args: list[str] | None, path: str) -> str:
+    """The command line of this run of ``command`` (``rnnlm.fit``) with ``--ckpt_path`` pointing at ``path``."""
     argv = list(sys.argv[1:] if args is None else args)
     kept, skip = [], False
     for arg in argv:
@@ -390,7 +399,7 @@ def _resume_command(args: list[str] | None, path: str) -> str:
             skip = True
         elif not arg.startswith("--ckpt_path="):
             kept.append(arg)
-    return shlex.join(["python", "-m", "rnnlm.fit", *kept, "--ckpt_path", path])
+    return shlex.join(["python", "-m", command, *kept, "--ckpt_path", path])
 
 
 # Loggers whose save_dir has no default: named alone on the command line (as the configs' comments suggest,
