@@ -181,16 +181,22 @@ def load(
     return from_checkpoint(load_safely(where, map_location), str(where), map_location)
 
 
-def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
-    """The trained model in a checkpoint already read with :func:`rnnlm.files.load_safely`."""
+def checked_config(checkpoint: dict, path: str) -> RNNLMConfig:
+    """The model config of an rnnlm checkpoint already read, refusing a checkpoint that is not rnnlm's or whose
+    settings cannot be used."""
     extra = checkpoint.get("rnnlm")
     if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
     try:
-        config = config_of_checkpoint(checkpoint)
+        return config_of_checkpoint(checkpoint)
     except ConfigError as err:
         raise CheckpointError(f"The model settings in {path!r} cannot be used: {err}") from None
-    model = RNNLM(config)
+
+
+def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model in a checkpoint already read with :func:`rnnlm.files.load_safely`."""
+    model = RNNLM(checked_config(checkpoint, path))
+    extra = checkpoint["rnnlm"]
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:

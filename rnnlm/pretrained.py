@@ -398,7 +398,7 @@ def read_pretrained_tokenizer(spec: str, revision: str | None = None) -> Tokeniz
 
 def pretrained_summary(spec: str, revision: str | None = None) -> tuple[RNNLMConfig, str]:
     """The model config of a pretrained model and its tokenizer kind, without building the model."""
-    from rnnlm.inference import config_of_checkpoint
+    from rnnlm.inference import checked_config
 
     kind, path = locate(spec, revision)
     if kind == "folder":
@@ -406,15 +406,9 @@ def pretrained_summary(spec: str, revision: str | None = None) -> tuple[RNNLMCon
         config = read_config(path)
         return config, values.get("tokenizer_kind") or tokenizer_kind(read_tokenizer(path))
     checkpoint = load_safely(path)
-    extra = checkpoint.get("rnnlm")
-    if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"{str(path)!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
-    try:
-        config = config_of_checkpoint(checkpoint)
-    except ConfigError as err:
-        raise CheckpointError(f"The model settings in {str(path)!r} cannot be used: {err}") from None
+    config = checked_config(checkpoint, str(path))
     setting = checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
-    return config, tokenizer_kind(Tokenizer.from_str(extra["tokenizer"]), setting)
+    return config, tokenizer_kind(Tokenizer.from_str(checkpoint["rnnlm"]["tokenizer"]), setting)
 
 
 # --------------------------------------------------------------------------------------------- writing
