@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot(*zip(*points), "o-", label=label, markersize=4)
     for accuracy, name in args.reference:
         ax.axhline(float(accuracy), linestyle="--", color="gray")
-        ax.annotate(name, (0, float(accuracy)), textcoords="offset points", xytext=(4, 4), color="gray")
+        # Below the line, so that a reference above every point stays inside the axes.
+        ax.annotate(name, (0, float(accuracy)), textcoords="offset points", xytext=(4, -12), color="gray")
+    ax.margins(y=0.08)
     ax.set_xlabel("training time (hours, validation included)")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
