@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError, load_safely
+from rnnlm.inference import data_settings, load_module_weights
 from rnnlm.model import RNNLM
 from rnnlm.tokenization import Encoder
 
@@ -209,7 +210,7 @@ class TrainedClassifier:
         """The encoder's settings."""
         return self.model.config
 
-    def head_settings(self) -> dict:
+    def classifier_settings(self) -> dict:
         """What an exported folder's config.json keeps beside the encoder's settings to rebuild this classifier."""
         return {"labels": list(self.labels), "max_length": self.max_length, **self.model.head_settings}
 
@@ -302,17 +303,11 @@ def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.devic
                            hparams.get("pool_dropout", 0.4), hparams.get("head_dropout", 0.1))
     except (KeyError, ConfigError) as err:
         raise CheckpointError(f"The classifier settings in {path!r} cannot be used: {err}") from None
-    prefix = "model."
-    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"The weights in {path!r} do not fit its classifier settings: {err}") from None
-    data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+    load_module_weights(model, checkpoint, path)
     return TrainedClassifier(
         model=model.to(map_location).eval(),
         tokenizer=Tokenizer.from_str(checkpoint["rnnlm"]["tokenizer"]),
         labels=list(hparams["labels"]),
         max_length=int(checkpoint["rnnlm"]["max_length"]),
-        data=data,
+        data=data_settings(checkpoint),
     )

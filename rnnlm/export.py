@@ -29,7 +29,7 @@ from rnnlm.classifier import from_checkpoint as classifier_from_checkpoint
 from rnnlm.classifier import is_classifier_checkpoint
 from rnnlm.errors import run_main
 from rnnlm.files import load_safely
-from rnnlm.inference import TrainedModel, from_checkpoint
+from rnnlm.inference import TrainedModel, data_settings, from_checkpoint
 from rnnlm.model import DIRECTIONS
 from rnnlm.pretrained import (
     CLASSIFIER,
@@ -112,8 +112,7 @@ def _training_config(checkpoint: dict) -> dict:
     extra = checkpoint.get("rnnlm", {})
     run = extra.get("run_config") or {}
     hparams = checkpoint.get("hyper_parameters", {})
-    data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
-            if not k.startswith("_") and k not in DATA_SKIP}
+    data = {k: v for k, v in data_settings(checkpoint).items() if k not in DATA_SKIP}
     out: dict = {}
     if "seed_everything" in run:
         out["seed_everything"] = run["seed_everything"]

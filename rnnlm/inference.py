@@ -193,20 +193,30 @@ def checked_config(checkpoint: dict, path: str) -> RNNLMConfig:
         raise CheckpointError(f"The model settings in {path!r} cannot be used: {err}") from None
 
 
-def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
-    """The trained model in a checkpoint already read with :func:`rnnlm.files.load_safely`."""
-    model = RNNLM(checked_config(checkpoint, path))
-    extra = checkpoint["rnnlm"]
+def load_module_weights(model: torch.nn.Module, checkpoint: dict, path: str) -> None:
+    """Fill ``model`` from a checkpoint's LightningModule state (its ``model.`` entries), refusing weights that do
+    not fit."""
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"The weights in {path!r} do not fit its model settings: {err}") from None
-    data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+
+
+def data_settings(checkpoint: dict) -> dict:
+    """The data module's settings saved in a checkpoint (Lightning's private entries left out)."""
+    return {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+
+
+def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model in a checkpoint already read with :func:`rnnlm.files.load_safely`."""
+    model = RNNLM(checked_config(checkpoint, path))
+    load_module_weights(model, checkpoint, path)
+    extra = checkpoint["rnnlm"]
     return TrainedModel(
         model=model.to(map_location).eval(),
         tokenizer=Tokenizer.from_str(extra["tokenizer"]),
-        data=data,
+        data=data_settings(checkpoint),
         chars_per_token=dict(extra.get("chars_per_token", {})),
     )

@@ -436,9 +436,9 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
 
             model = copy.deepcopy(model).cpu()
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt", "rnnlm_version": __version__})
-        head = getattr(trained, "head_settings", None)
+        classifier = getattr(trained, "classifier_settings", None)  # a TrainedClassifier's labels and head
         config = folder_config(trained.config, trained.tokenizer, trained.data,
-                               getattr(trained, "chars_per_token", {}), head() if head else None)
+                               getattr(trained, "chars_per_token", {}), classifier() if classifier else None)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / TOKENIZER_FILE).write_text(trained.tokenizer.to_str(pretty=True), encoding="utf-8")
         if card is not None:
