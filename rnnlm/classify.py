@@ -27,77 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rnnlm.data.classifier import ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError, run_main
+from rnnlm.sharing.classifier import load
+from rnnlm.text.batching import batches_by_length
+from rnnlm.training.classifier import TextClassifier
+from rnnlm.training.cli import ClassifierCLI
+from rnnlm.training.cli import train as run_cli
 
 COMMANDS = ("predict", "evaluate")  # without one of these words: training
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from rnnlm.checkpointing import ResumableCheckpoints
-    from rnnlm.fit import RNNLMCLI
-
-    class ClassifierCLI(RNNLMCLI):
-        """``rnnlm.fit``'s CLI (W&B run naming, safe checkpoint IO, refused old settings) with the classifier's
-        links and checkpoint defaults."""
-
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            # The pretrained model is named once, on the model; the data module reads its tokenizer.
-            parser.link_arguments("model.init_from", "data.init_from")
-            parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
-            parser.link_arguments("data.classes", "model.labels", apply_on="instantiate")
-            parser.add_argument("--ckpt_path", type=str | None, default=None,
-                                help="Checkpoint to resume from (a path, or 'last').")
-            parser.add_argument("--test_after_fit", type=bool, default=True,
-                                help="Evaluate the best checkpoint on the test split (if any) after training.")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({
-                "checkpoint.monitor": "val/accuracy",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch{epoch}-step{step}-val_accuracy{val/accuracy:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-            })  # fmt: skip
-            parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
-
-        def use_pretrained(self, config) -> None:
-            """The classifier reads its language model itself (``TextClassifier(init_from=...)``): its encoder, not
-            a whole LM with its architecture checks."""
-
-    return ClassifierCLI
-
-
 def train(args: list[str] | None = None):
     """``python -m rnnlm.classify --config ...``: train a classifier; returns the CLI object."""
-    from rnnlm.classification import TextClassifier
-    from rnnlm.classification_data import ClassificationDataModule
-    from rnnlm.cpu import flush_denormals, keep_freed_memory
-    from rnnlm.fit import current_wandb_run, run_training
-    from rnnlm.tokenization import default_tokenizers_parallelism
-    from rnnlm.tracking import choose_wandb_mode
 
-    default_tokenizers_parallelism()
-    keep_freed_memory()
-    flush_denormals()
-    wandb_mode = choose_wandb_mode()
-    existing_run = current_wandb_run()  # started by the caller: theirs to finish
-    cli = _cli_class()(
-        TextClassifier,
-        ClassificationDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
-        auto_configure_optimizers=False,  # the model builds its own: one parameter group per layer group
-    )
-    run_training(cli, cli.datamodule.splits, "rnnlm.classify", args, wandb_mode, existing_run)
-    return cli
+    # auto_configure_optimizers=False: the model builds its own optimizer, one parameter group per layer group.
+    return run_cli(ClassifierCLI, TextClassifier, ClassificationDataModule, "rnnlm.classify", __doc__, args,
+                   auto_configure_optimizers=False)
 
 
 # ------------------------------------------------------------------------------------------------ use
@@ -133,7 +81,6 @@ def _blocks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
 def predict(checkpoint: str, input: str, output: str | None = None, batch_size: int = 64,
             device: str = "auto") -> int:
     """Write a JSON line per input line (see the module docstring); returns the number of lines."""
-    from rnnlm.classifier import load
 
     clf = load(checkpoint, map_location=_device(device))
     keys = [str(label) for label in clf.labels]
@@ -169,8 +116,6 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
         multiclass_f1_score,
     )
 
-    from rnnlm.classification_data import ClassificationDataModule
-    from rnnlm.classifier import batches_by_length, load
 
     clf = load(checkpoint, map_location=_device(device))
     settings = dict(clf.data)

@@ -41,10 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnnlm.classifier import batches_by_length, concat_pool, encode_texts, reverse_texts, text_mask
 from rnnlm.errors import ConfigError, UserError, run_main
-from rnnlm.model import RNNLM
-from rnnlm.tokenization import Encoder
+from rnnlm.files import load_safely
+from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
+from rnnlm.network.lm import RNNLM
+from rnnlm.sharing.checkpoints import is_classifier_checkpoint
+from rnnlm.sharing.classifier import from_checkpoint
+from rnnlm.sharing.lm import load
+from rnnlm.text.batching import batches_by_length, encode_texts
+from rnnlm.text.tokenization import Encoder
 
 POOLINGS = ("none", "mean", "max", "last", "concat")
 LAYERS = ("top", "all", "mean")
@@ -64,15 +69,12 @@ class FeatureModel:
 
 def load_encoder(path: str, map_location: str | torch.device = "cpu", max_length: int | None = None) -> FeatureModel:
     """The encoder of a classifier checkpoint, or of anything :func:`rnnlm.load` reads."""
-    from rnnlm.classifier import from_checkpoint, is_classifier_checkpoint
-    from rnnlm.files import load_safely
 
     if os.path.isfile(path):
         checkpoint = load_safely(path, map_location)
         if is_classifier_checkpoint(checkpoint):
             clf = from_checkpoint(checkpoint, path, map_location)
             return FeatureModel(clf.model.encoder.eval(), clf.encoder, max_length or clf.max_length, "classifier")
-    from rnnlm.inference import load
 
     lm = load(path, map_location)
     return FeatureModel(lm.model.eval(), lm.encoder, max_length or 1 << 20, "language model")

@@ -4,7 +4,7 @@ Prints loss (nats/token), perplexity, bits per token, per character and per byte
 JSON object on the last line. The hidden state is carried across chunks, so the result barely depends on
 ``--bptt``; ``--batch_size`` sets how many streams the split is cut into.
 
-``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/pointer.py``) with
+``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/network/pointer.py``) with
 ``--pointer_theta`` and ``--pointer_lambda``, and reports perplexity with and without it from the same pass.
 """
 
@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.inference import load
-from rnnlm.lm import LN2, loss_metrics
-from rnnlm.model import DIRECTIONS, RNNLM
-from rnnlm.pointer import ContinuousPointer
-from rnnlm.sources import DataError
-from rnnlm.streams import ChunkLoader
+from rnnlm.network.lm import DIRECTIONS, RNNLM
+from rnnlm.network.pointer import ContinuousPointer
+from rnnlm.sharing.lm import load
+from rnnlm.text.sources import DataError
+from rnnlm.text.streams import ChunkLoader
+from rnnlm.training.lm import LN2, loss_metrics
 
 # AWD-LSTM's pointer settings for WikiText-2 (its README): theta 0.662, lambda 0.1279 (window 3785).
 DEFAULT_THETA = 0.662

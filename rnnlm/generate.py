@@ -18,7 +18,7 @@ import secrets
 import torch
 
 from rnnlm.errors import run_main
-from rnnlm.inference import Sample, load
+from rnnlm.sharing.lm import Sample, load
 
 
 def main(argv: list[str] | None = None) -> list[Sample]:

@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import DIRECTIONS, RNNLM, map_state, state_batch_size
-from rnnlm.sources import DataError
+from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.sources import DataError
 
 PER = ("line", "paragraph", "document")
 ENDS = ("separator", "newline", "none")

@@ -71,9 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.tokenization import default_tokenizers_parallelism
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.text.tokenization import default_tokenizers_parallelism
 
 
 # --------------------------------------------------------------------------------------------- the hand-written side
@@ -429,11 +429,12 @@ def hand_written_run(
 
 # --------------------------------------------------------------------------------------------- the rnnlm side
 def build_cli(rnnlm_args: list[str], extra: list[str]):
-    from rnnlm.data import LMDataModule
-    from rnnlm.fit import RNNLMCLI
-    from rnnlm.lm import LanguageModel
+    from rnnlm.data.lm import LMDataModule
+    from rnnlm.training.cli import LanguageModelCLI
+    from rnnlm.training.lm import LanguageModel
 
-    return RNNLMCLI(LanguageModel, LMDataModule, run=False, args=[*rnnlm_args, *extra], save_config_callback=None)
+    return LanguageModelCLI(LanguageModel, LMDataModule, run=False, args=[*rnnlm_args, *extra],
+                            save_config_callback=None)
 
 
 def _quiet_run_flags(root: str, progress_bar: bool) -> list[str]:

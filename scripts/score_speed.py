@@ -29,9 +29,9 @@ import torch
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.evaluate import stream_losses
-from rnnlm.inference import load
 from rnnlm.score import read_items, write_scores
-from rnnlm.streams import ChunkLoader, cut_streams
+from rnnlm.sharing.lm import load
+from rnnlm.text.streams import ChunkLoader, cut_streams
 
 
 def timed(fn) -> tuple[float, float, object]:

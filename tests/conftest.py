@@ -18,8 +18,8 @@ import pytest
 if TYPE_CHECKING:  # imported where used, after the environment below is set (datasets reads it on import)
     import lightning as L
 
-    from rnnlm.data import LMDataModule
-    from rnnlm.lm import LanguageModel
+    from rnnlm.data.lm import LMDataModule
+    from rnnlm.training.lm import LanguageModel
 
 # Never reach for the network in tests: the Hub code path is exercised with local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,7 +107,7 @@ def tiny_trainer(root: Path, **overrides) -> L.Trainer:
 
 def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
     """A char-level data module (4 streams, chunks of 9) caching under ``root / "cache"``."""
-    from rnnlm.data import LMDataModule
+    from rnnlm.data.lm import LMDataModule
 
     settings = dict(source=str(source), tokenizer="char", batch_size=4, bptt=9, cache_dir=str(root / "cache"))
     return LMDataModule(**{**settings, **overrides})
@@ -116,8 +116,8 @@ def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
 def tiny_model(vocab_size: int, **overrides) -> LanguageModel:
     """A 2-layer LSTM with 8-dimensional embeddings and 16 hidden units; ``overrides`` are model settings
     (``RNNLMConfig``) or the LightningModule's own arguments."""
-    from rnnlm.config import RNNLMConfig
-    from rnnlm.lm import LanguageModel
+    from rnnlm.network.config import RNNLMConfig
+    from rnnlm.training.lm import LanguageModel
 
     module_args = {"activation_regularization", "temporal_activation_regularization", "on_nonfinite"}
     settings = {"cell": "lstm", "num_layers": 2, "embedding_dim": 8, "hidden_size": 16}

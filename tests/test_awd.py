@@ -15,13 +15,13 @@ from conftest import tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.averaging import NTASGD
-from rnnlm.config import RNNLMConfig
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
-from rnnlm.pointer import ContinuousPointer
-from rnnlm.sources import DataError
-from rnnlm.streams import ChunkLoader, draw_spans, rank_rows
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM, LayerStack, LockedDropout, detach_state
+from rnnlm.network.pointer import ContinuousPointer
+from rnnlm.text.sources import DataError
+from rnnlm.text.streams import ChunkLoader, draw_spans, rank_rows
+from rnnlm.training.averaging import NTASGD
+from rnnlm.training.lm import LanguageModel
 
 
 # ----------------------------------------------------------------------------------------- model

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_trainer
 
-from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM, detach_state
-from rnnlm.streams import ChunkLoader, cut_streams
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.network.lm import RNNLM, detach_state
+from rnnlm.text.streams import ChunkLoader, cut_streams
+from rnnlm.training.lm import LanguageModel
 
 
 def bilm(cell: str, num_layers: int, **kwargs) -> RNNLM:

@@ -15,14 +15,16 @@ import torch
 from conftest import CONFIG_DIR, make_text, tiny_data, tiny_model, tiny_trainer
 
 import rnnlm
-from rnnlm.classification import TextClassifier
-from rnnlm.classification_data import BucketLoader, ClassificationDataModule
-from rnnlm.classifier import Classifier, concat_pool, load, make_batch, reverse_texts
-from rnnlm.config import CELLS, RNNLMConfig
+from rnnlm.data.classifier import BucketLoader, ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.sources import DataError
-from rnnlm.tokenization import TokenizerError
-from rnnlm.ulmfit import SlantedTriangularLR
+from rnnlm.network.classifier import Classifier, concat_pool, reverse_texts
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.sharing.classifier import load
+from rnnlm.text.batching import make_batch
+from rnnlm.text.sources import DataError
+from rnnlm.text.tokenization import TokenizerError
+from rnnlm.training.classifier import TextClassifier
+from rnnlm.training.ulmfit import SlantedTriangularLR
 
 CLASSIFY = [sys.executable, "-m", "rnnlm.classify"]
 CONFIGS = sorted(c for c in CONFIG_DIR.glob("*.yaml") if "label_field:" in c.read_text())
@@ -389,7 +391,7 @@ def _config(tmp_path: Path, source: Path, **model) -> Path:
                     "default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1},
         "data": {"source": str(source), "batch_size": 32, "cache_dir": str(tmp_path / "cache")},
         "model": {"head_hidden": 8, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-                  "lr_scheduler": {"class_path": "rnnlm.ulmfit.SlantedTriangularLR"}, **model},
+                  "lr_scheduler": {"class_path": "rnnlm.training.ulmfit.SlantedTriangularLR"}, **model},
     }
     path = tmp_path / "classify.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -449,7 +451,7 @@ def test_cli_trains_from_a_pretrained_lm_then_predicts_evaluates_and_exports(tmp
           "--output", str(tmp_path / "out2.jsonl")])
     assert (tmp_path / "out2.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
     # Each loader refuses the other kind of folder by name.
-    with pytest.raises(UserError, match="holds a text classifier, not a language model: rnnlm.classifier.load"):
+    with pytest.raises(UserError, match="holds a text classifier, not a language model: rnnlm.sharing.classifier.load"):
         rnnlm.load(tmp_path / "exported")
     export_main(["--checkpoint", str(pretrained), "--out", str(tmp_path / "lm")])
     with pytest.raises(UserError, match="holds a language model, not a text classifier: rnnlm.load"):
@@ -485,7 +487,7 @@ def test_cli_refuses_bad_input_before_training(tmp_path):
 def test_a_hub_revision_reaches_datasets_and_local_sources_ignore_it(tmp_path, monkeypatch):
     import datasets
 
-    from rnnlm.data import LMDataModule
+    from rnnlm.data.lm import LMDataModule
 
     rows = contains_x(40)
     hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
@@ -616,7 +618,7 @@ def test_the_speed_script_measures_every_variant(tmp_path, monkeypatch, capsys):
 def test_evaluation_batches_give_every_process_its_share():
     tokens = [np.arange(2, 2 + n % 9 + 1) for n in range(21)]
     labels = [n % 2 for n in range(21)]
-    from rnnlm.classification_data import SortedLoader
+    from rnnlm.data.classifier import SortedLoader
 
     ranks = [[i for b in SortedLoader(tokens, labels, 1, 64, world_size=2, rank=r) for i in b.index.tolist()]
              for r in (0, 1)]

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import evaluate
-from rnnlm.config import RNNLMConfig
-from rnnlm.head import linear_cross_entropy
-from rnnlm.model import RNNLM, detach_state
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.head import linear_cross_entropy
+from rnnlm.network.lm import RNNLM, detach_state
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

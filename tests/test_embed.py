@@ -112,7 +112,8 @@ def test_pooled_vectors_to_npy(bilm, lines, tmp_path, pooling):
 def test_a_classifier_checkpoint_gives_its_fine_tuned_features(tmp_path, lines):
     from test_classify import classifier, contains_x, data_module, write_tsv
 
-    from rnnlm.classifier import load, make_batch
+    from rnnlm.sharing.classifier import load
+    from rnnlm.text.batching import make_batch
 
     data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(40)), tmp_path)
     trainer = tiny_trainer(tmp_path, max_epochs=1)

@@ -18,14 +18,14 @@ from conftest import fit_args, make_text, tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate, fit
-from rnnlm.checkpointing import SafeCheckpointIO
-from rnnlm.config import RNNLMConfig
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import UserError
 from rnnlm.files import CheckpointError, load_safely, save_atomically
-from rnnlm.lm import LanguageModel
-from rnnlm.sources import DataError
-from rnnlm.training import NonFiniteGuard, NonFiniteLossError
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.text.sources import DataError
+from rnnlm.training.callbacks import NonFiniteGuard, NonFiniteLossError
+from rnnlm.training.checkpointing import SafeCheckpointIO
+from rnnlm.training.lm import LanguageModel
 
 
 def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
@@ -286,7 +286,7 @@ def test_a_trained_checkpoint_holds_only_tensors_and_plain_values(trained):
 
 PREPARE = """
 import hashlib, sys
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 data = LMDataModule(source=sys.argv[1], tokenizer="word", batch_size=2, bptt=8, cache_dir=sys.argv[2])
 data.prepare_data()
 data.setup("fit")

@@ -1,5 +1,5 @@
-"""The fused softmax head (rnnlm/head.py): the same loss and gradients as F.cross_entropy(F.linear(...)), in blocks,
-without the full logits, in every place the model computes a loss."""
+"""The fused softmax head (rnnlm/network/head.py): the same loss and gradients as F.cross_entropy(F.linear(...)), in
+blocks, without the full logits, in every place the model computes a loss."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
-from rnnlm.head import MIN_BLOCK_ROWS, auto_block_rows, linear_cross_entropy
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.head import MIN_BLOCK_ROWS, auto_block_rows, linear_cross_entropy
+from rnnlm.network.lm import RNNLM
 
 
 def _problem(rows: int, dim: int = 6, vocab: int = 23, bias: bool = True, seed: int = 0):

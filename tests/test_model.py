@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.model import RNNLM, detach_state
-from rnnlm.tokenization import Encoder, char_tokenizer
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.network.lm import RNNLM, detach_state
+from rnnlm.text.tokenization import Encoder, char_tokenizer
 
 
 def test_elman_learns_hello():

@@ -15,12 +15,12 @@ from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.config import RNNLMConfig
-from rnnlm.data import LMDataModule
-from rnnlm.encoding import EncodeStats, encode_to_file
-from rnnlm.model import RNNLM
-from rnnlm.sources import DataError
-from rnnlm.tokenization import Encoder, train_tokenizer
+from rnnlm.data.lm import LMDataModule
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
+from rnnlm.text.encoding import EncodeStats, encode_to_file
+from rnnlm.text.sources import DataError
+from rnnlm.text.tokenization import Encoder, train_tokenizer
 
 
 # --------------------------------------------------------------------------------------------- adaptive softmax

@@ -11,10 +11,10 @@ import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import generate
-from rnnlm.config import RNNLMConfig
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import RNNLM, filter_logits
-from rnnlm.tokenization import char_tokenizer
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM, filter_logits
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.tokenization import char_tokenizer
 
 
 def kept(logits: torch.Tensor) -> set[int]:

@@ -16,14 +16,14 @@ import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import score
-from rnnlm.config import RNNLMConfig
-from rnnlm.encoding import encode_docs
 from rnnlm.errors import ConfigError
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
 from rnnlm.score import Item, read_items, scores
-from rnnlm.sources import DataError
-from rnnlm.tokenization import Encoder, char_tokenizer, train_tokenizer
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.encoding import encode_docs
+from rnnlm.text.sources import DataError
+from rnnlm.text.tokenization import Encoder, char_tokenizer, train_tokenizer
 
 ITEMS = ["the cat sat on a mat", "", "a", "birds sang in tall green trees every morning", "dog ran", "x y z"]
 

@@ -23,22 +23,16 @@ import torch
 from conftest import ROOT, make_text, run_fit
 
 import rnnlm
-from rnnlm.config import FORMAT_VERSION, RNNLMConfig
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.export import export, logits_difference
 from rnnlm.export import main as export_main
 from rnnlm.files import CheckpointError
-from rnnlm.inference import TrainedModel
-from rnnlm.model import DIRECTIONS, RNNLM
-from rnnlm.pretrained import (
-    FILES,
-    PretrainedError,
-    convert_layout,
-    transfer,
-    vocabulary_map,
-    write_folder,
-)
-from rnnlm.tokenization import Encoder, char_tokenizer, word_tokenizer
+from rnnlm.network.config import FORMAT_VERSION, RNNLMConfig
+from rnnlm.network.lm import DIRECTIONS, RNNLM
+from rnnlm.sharing.export import export, logits_difference
+from rnnlm.sharing.folders import FILES, PretrainedError, write_folder
+from rnnlm.sharing.lm import TrainedModel
+from rnnlm.sharing.transfer import convert_layout, transfer, vocabulary_map
+from rnnlm.text.tokenization import Encoder, char_tokenizer, word_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog\n"
 
@@ -193,7 +187,7 @@ def _truncate(path: Path) -> None:
 
 
 def test_a_safetensors_header_that_looks_like_a_pickle_opcode_is_not_refused(tmp_path):
-    from rnnlm.pretrained import _sniff_tensor_file
+    from rnnlm.sharing.folders import _sniff_tensor_file
 
     path = tmp_path / "model.safetensors"  # a header of 384 = 0x180 bytes: the file begins with 0x80 0x01
     path.write_bytes(struct.pack("<Q", 384) + b"{" + b" " * 383)
@@ -269,7 +263,7 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, m
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("rnnlm.pretrained.folder_config", broken)
+    monkeypatch.setattr("rnnlm.sharing.folders.folder_config", broken)
     for target, overwrite in (("new", False), ("old", True)):
         with pytest.raises(OSError, match="disk full"):
             export(str(ckpt), str(tmp_path / target), overwrite=overwrite)
@@ -522,13 +516,13 @@ def test_fine_tuning_keeps_the_architecture_and_refuses_contradicting_settings(p
     )
     assert cli.model.config.per_layer and cli.model.config.weight_drop == 0.3
     assert loss == pytest.approx(pretrained["val_loss"], rel=1e-5, abs=1e-6)  # evaluation drops nothing
-    assert cli.model.init_report["regularisation"] == ["dropout_output 0.0 -> 0.2", "weight_drop 0.0 -> 0.3"]
+    assert cli.model.start.report["regularisation"] == ["dropout_output 0.0 -> 0.2", "weight_drop 0.0 -> 0.3"]
 
 
 def test_python_use_refuses_data_read_with_another_tokenizer(pretrained, tmp_path, text_file):
     from conftest import tiny_data, tiny_trainer
 
-    from rnnlm.lm import LanguageModel
+    from rnnlm.training.lm import LanguageModel
 
     # A char tokenizer of another text, as many tokens as the pretrained one: same size, other ids.
     other = tmp_path / "other.txt"
@@ -561,7 +555,7 @@ def test_word_level_fine_tuning_matches_the_shared_vocabulary(tmp_path, caplog):
     ckpt = str(Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt")
     second = run_fit(tmp_path / "b", new, *TINY_RUN, "--trainer.max_steps", "3", "--model.init_from", ckpt,
                      "--model.init_vocab", "match", "--data.tokenizer", "word")
-    report = second.model.init_report
+    report = second.model.start.report
     old_vocab = first.datamodule.tokenizer.get_vocab()
     new_vocab = second.datamodule.tokenizer.get_vocab()
     assert set(old_vocab) & set(new_vocab) == {"<unk>", "<eos>", "the", "cat", "sat", "on"}

@@ -15,7 +15,7 @@ import pytest
 from conftest import FIT, ROOT, fit_args
 
 from rnnlm.fit import main as fit_main
-from rnnlm.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
+from rnnlm.training.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
 
 
 def _tiny(corpus: Path, out: Path, steps: int = 6) -> list[str]:
@@ -300,8 +300,8 @@ def test_log_model_logs_the_exported_folder_as_a_model_artifact(corpus_dir, tmp_
     import torch
 
     import rnnlm
-    from rnnlm.export import logits_difference
-    from rnnlm.pretrained import FILES
+    from rnnlm.sharing.export import logits_difference
+    from rnnlm.sharing.folders import FILES
 
     cli = fit_main([*_tiny(corpus_dir, tmp_path, steps=6), "--trainer.logger.init_args.log_model", "true"])
     run_id = cli.trainer.logger.version

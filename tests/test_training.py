@@ -13,9 +13,9 @@ from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_model, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate, generate
-from rnnlm.config import RNNLMConfig
 from rnnlm.fit import main as fit_main
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
 
 # The language-model configs (those of rnnlm.fit); the classifier configs, which have a label field, are
 # tested with rnnlm.classify in test_classify.py.

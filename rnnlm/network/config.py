@@ -1,6 +1,6 @@
 """Every setting of the model in one frozen dataclass, checked when it is made.
 
-:class:`RNNLMConfig` is what :class:`~rnnlm.model.RNNLM` is built from, what the LightningModule takes (as
+:class:`RNNLMConfig` is what :class:`~rnnlm.network.lm.RNNLM` is built from, what the LightningModule takes (as
 ``--model.config.*`` on the command line, or ``model: config:`` in a YAML file), what a resumed run is compared
 against, and what is written as JSON beside exported weights (with ``format_version``, so that a future reader
 knows what it reads).
@@ -19,6 +19,11 @@ OUTPUTS = ("softmax", "adaptive")
 # Default cluster boundaries of the adaptive softmax: those below the vocabulary size are used.
 DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
 FORMAT_VERSION = 1
+# The dropout rates: they shape training, not the weights' shapes or meaning (a fine-tuned model may change them).
+DROPOUTS = ("dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop")
+# The settings that do not give the weights their shapes and meaning: the regularisers, how the loss is computed,
+# and the format's version.
+NEUTRAL = (*DROPOUTS, "locked_dropout", "loss_block_rows", "format_version")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,11 @@ class RNNLMConfig:
         weight_drop: DropConnect on the hidden-to-hidden weights (``wdrop``), one mask per chunk.
         locked_dropout: make the three dropouts above variational (one mask per sequence for the whole chunk).
         loss_block_rows: how the full softmax computes its loss: in blocks of this many positions, each block's
-            logits turned into its loss and gradients at once and dropped (:mod:`rnnlm.head`; the same numbers, a
+            logits turned into its loss and gradients at once and dropped (:mod:`rnnlm.network.head`; the same numbers,
+            a
             fraction of the memory, faster on a CPU), or ``0`` for the plain ``F.linear`` + ``F.cross_entropy``
             over the full logits; ``None`` (default) chooses by vocabulary size and device
-            (:func:`~rnnlm.head.auto_block_rows`). It changes no weight, so it is not part of the architecture.
+            (:func:`~rnnlm.network.head.auto_block_rows`). It changes no weight, so it is not part of the architecture.
     """
 
     vocab_size: int
@@ -185,9 +191,23 @@ class RNNLMConfig:
     def architecture(self) -> dict:
         """The settings that give the weights their shapes and meaning (dropouts and how the loss is computed
         excluded): two models can share weights exactly when these agree."""
-        neutral = {"dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop",
-                   "locked_dropout", "loss_block_rows", "format_version"}
-        return {k: v for k, v in self.to_dict().items() if k not in neutral}
+        return {k: v for k, v in self.to_dict().items() if k not in NEUTRAL}
+
+    def regularisers(self) -> dict:
+        """The dropout rates and ``locked_dropout``: what a fine-tuning run may change."""
+        return {k: getattr(self, k) for k in (*DROPOUTS, "locked_dropout")}
+
+    def settings(self) -> dict:
+        """The user's settings (:meth:`to_dict` without ``format_version``, which describes the file, not the
+        model)."""
+        values = self.to_dict()
+        values.pop("format_version")
+        return values
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """The names a user sets (``--model.config.<name>``)."""
+        return {f.name for f in dataclasses.fields(cls)} - {"format_version"}
 
     # ------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:

@@ -4,9 +4,9 @@ Any ``datasets`` source with a text field and a label field works: a Hub dataset
 parquet file or a folder of them (splits found from file names), or a ``save_to_disk`` folder. The text is read by
 the pretrained model's tokenizer (``init_from``), or by one trained here for a classifier trained from scratch.
 
-Checks made before any training, each a :class:`~rnnlm.sources.DataError` that says what to change: a missing text or
-label field (the columns are listed), a single class, validation or test labels that training never shows, a split
-left empty. Rows with an empty text or no label are skipped, and counted in the summary and the run's facts.
+Checks made before any training, each a :class:`~rnnlm.text.sources.DataError` that says what to change: a missing
+text or label field (the columns are listed), a single class, validation or test labels that training never shows, a
+split left empty. Rows with an empty text or no label are skipped, and counted in the summary and the run's facts.
 """
 
 from __future__ import annotations
@@ -22,10 +22,18 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
-from rnnlm.classifier import Batch, batches_by_length, encode_texts, make_batch
 from rnnlm.errors import ConfigError, check_positive_int
-from rnnlm.sources import DataError, default_cache_dir, load_raw
-from rnnlm.tokenization import LEVELS, Encoder, TokenizerError, load_pretrained, tokenizers_parallelism, train_tokenizer
+from rnnlm.sharing.lm import load
+from rnnlm.text.batching import Batch, batches_by_length, encode_texts, make_batch
+from rnnlm.text.sources import DataError, default_cache_dir, load_raw
+from rnnlm.text.tokenization import (
+    LEVELS,
+    Encoder,
+    TokenizerError,
+    load_pretrained,
+    tokenizers_parallelism,
+    train_tokenizer,
+)
 
 SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev")}
 
@@ -419,7 +427,6 @@ class ClassificationDataModule(L.LightningDataModule):
     def _make_tokenizer(self, train_texts: list[str]) -> Tokenizer:
         hp = self.hparams
         if hp.init_from is not None:
-            from rnnlm.inference import load
 
             pretrained = load(hp.init_from).tokenizer
             if hp.tokenizer is not None:

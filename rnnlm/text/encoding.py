@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from tokenizers import Tokenizer
 
-from rnnlm.tokenization import Encoder, tokenizers_parallelism
+from rnnlm.text.tokenization import Encoder, tokenizers_parallelism
 
 TASK_CHARS = 1 << 22  # ~4 M characters per task: large enough to amortise the inter-process copies
 PARALLEL_MIN_CHARS = 1 << 25  # below ~32 M characters the pool's start-up costs more than it saves

@@ -18,25 +18,22 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from rnnlm import __version__
-from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError
-from rnnlm.inference import config_of_checkpoint
-from rnnlm.model import DIRECTIONS, RNNLM, Output, State, detach_state, map_state, state_batch_size
-from rnnlm.streams import ChunkLoader
-from rnnlm.training import ChunkLengthLR, NonFiniteGuard, TokensPerSecond, writing_step
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import DIRECTIONS, RNNLM, Output, State, detach_state, map_state, state_batch_size
+from rnnlm.sharing.checkpoints import config_of_checkpoint
+from rnnlm.sharing.transfer import PretrainedStart
+from rnnlm.text.streams import ChunkLoader
+from rnnlm.training.callbacks import ChunkLengthLR, NonFiniteGuard, TokensPerSecond, writing_step
+from rnnlm.version import __version__
 
 LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
-INIT_VOCAB = ("same", "match")
-REGULARISERS = ("dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop",
-                "locked_dropout")
 
 
 def loss_metrics(loss, chars_per_token: float | None = None) -> dict:
@@ -77,7 +74,7 @@ class CarriedState:
 
 
 class LanguageModel(L.LightningModule):
-    """Trains :class:`~rnnlm.model.RNNLM` on contiguous chunks.
+    """Trains :class:`~rnnlm.network.lm.RNNLM` on contiguous chunks.
 
     Args:
         config: the model's settings (``--model.config.*``); ``vocab_size`` comes from the data module (the CLI
@@ -89,7 +86,7 @@ class LanguageModel(L.LightningModule):
         on_nonfinite: what a NaN or infinite training loss or gradient does: ``stop`` (default) writes a checkpoint
             of the state before that step and stops with an explanation; ``skip`` drops the step (no weight update,
             the carried state restarts from zeros) and goes on; ``ignore`` does not check, which saves one host
-            synchronisation per step on a GPU (see :class:`~rnnlm.training.NonFiniteGuard`).
+            synchronisation per step on a GPU (see :class:`~rnnlm.training.callbacks.NonFiniteGuard`).
         init_from: start from the weights of a pretrained model (a ``.ckpt``, a folder written by
             ``rnnlm.export``, or a Hub id ``OWNER/NAME``) instead of random ones: fine-tuning. The optimizer,
             schedule and step count start afresh. ``config`` must have its architecture (the CLI takes it from the
@@ -101,7 +98,7 @@ class LanguageModel(L.LightningModule):
             (ULMFiT's recipe).
 
     With variable-length BPTT (``data.variable_bptt``) each step's learning rate is scaled by ``chunk length /
-    bptt``, as in AWD-LSTM (:class:`~rnnlm.training.ChunkLengthLR`).
+    bptt``, as in AWD-LSTM (:class:`~rnnlm.training.callbacks.ChunkLengthLR`).
     """
 
     def __init__(
@@ -120,8 +117,6 @@ class LanguageModel(L.LightningModule):
                 raise ConfigError(f"model.{name} must be >= 0, got {value!r}.")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
-        if init_vocab not in INIT_VOCAB:
-            raise ConfigError(f"model.init_vocab must be one of {', '.join(INIT_VOCAB)}, got {init_vocab!r}.")
         config = config if isinstance(config, RNNLMConfig) else RNNLMConfig.from_dict(dict(config))
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()  # plain types: checkpoints load with weights_only=True
@@ -143,72 +138,9 @@ class LanguageModel(L.LightningModule):
         self.measured: dict[str, dict] = {}
         # The resolved run configuration (set by the CLI), saved in checkpoints for the model card.
         self.run_config: dict | None = None
-        self._pretrained = None  # with init_vocab="match": kept until the data's tokenizer is known
-        self._pretrained_tokenizer: Tokenizer | None = None
-        self.init_report: dict | None = None
-        if init_from is not None:
-            self._init_from(init_from, init_vocab)
-
-    # ----------------------------------------------------------------------------------------- fine-tuning
-    def _init_from(self, spec: str, mode: str) -> None:
-        from rnnlm.inference import load
-        from rnnlm.pretrained import architecture_differences, tokenizer_kind, transfer
-
-        pretrained = load(spec)
-        differ = architecture_differences(pretrained.config, self.config, vocab=mode == "same")
-        if differ:
-            raise ConfigError(
-                f"model.init_from {spec}: the pretrained model has another architecture than this run ("
-                + "; ".join(differ) + "). Leave the architecture to the pretrained model (the CLI takes it from there)."
-            )
-        kind = tokenizer_kind(pretrained.tokenizer, pretrained.data.get("tokenizer"))
-        changed = [f"{k} {getattr(pretrained.config, k)!r} -> {getattr(self.config, k)!r}" for k in REGULARISERS
-                   if getattr(pretrained.config, k) != getattr(self.config, k)]
-        self.init_report = {"from": spec, "mode": mode, "tokenizer": kind, "regularisation": changed}
-        if mode == "match":
-            if kind not in ("word", "char"):
-                raise ConfigError(
-                    f"model.init_vocab=match maps the tokens of word- and char-level vocabularies; {spec} has a "
-                    f"{kind} tokenizer, whose pieces cannot be matched to another one's. Fine-tune with its own "
-                    "tokenizer (init_vocab same)."
-                )
-            if self.config.output == "adaptive":
-                raise ConfigError(
-                    "model.init_vocab=match is not supported with output='adaptive': its clusters are ranges of ids "
-                    "sorted by their frequency in the pretraining data. Fine-tune with the pretrained tokenizer "
-                    "(init_vocab same)."
-                )
-            self._pretrained = pretrained  # the rows are mapped once the data's tokenizer is known (use_data)
-            return
-        self.init_report.update(transfer(pretrained.model, self.model))
-        self._pretrained_tokenizer = pretrained.tokenizer
-        self._announce()
-
-    def _announce(self) -> None:
-        r = self.init_report
-        if r["mode"] == "match":
-            vocab = (f"{r['matched']:,} of the {r['tokens']:,} tokens of this run's vocabulary are in the pretrained "
-                     f"one and start from their pretrained rows; the other {r['new']:,} start at the mean of the "
-                     "pretrained rows")
-        else:
-            vocab = f"the pretrained tokenizer ({r['tokenizer']}, {r['tokens']:,} tokens) is used, so the ids match"
-        regularisation = ("; regularisation differs from the pretraining: " + ", ".join(r["regularisation"])
-                          if r["regularisation"] else "")
-        rank_zero_info(f"rnnlm: initialised from {r['from']}: every weight; {vocab}{regularisation}. The "
-                       "optimizer, learning-rate schedule and step count start afresh.")
-
-    def _match_vocabulary(self, tokenizer: Tokenizer) -> None:
-        from rnnlm.pretrained import tokenizer_kind, transfer, vocabulary_map
-
-        pretrained, self._pretrained = self._pretrained, None
-        kind = tokenizer_kind(tokenizer)
-        if kind != self.init_report["tokenizer"]:
-            raise ConfigError(
-                f"model.init_vocab=match: the pretrained model is {self.init_report['tokenizer']}-level but this "
-                f"run's tokenizer is {kind}-level; set data.tokenizer to {self.init_report['tokenizer']}."
-            )
-        self.init_report.update(transfer(pretrained.model, self.model, vocabulary_map(pretrained.tokenizer, tokenizer)))
-        self._announce()
+        # Fine-tuning: the pretrained weights are in self.model from here on (with init_vocab="match", once the
+        # data's tokenizer is known).
+        self.start = PretrainedStart(init_from, init_vocab, self.model) if init_from is not None else None
 
     # ----------------------------------------------------------------------------------------- data link
     def use_data(self, tokenizer: Tokenizer, chars_per_token: dict[str, float], facts: dict | None = None) -> None:
@@ -220,18 +152,8 @@ class LanguageModel(L.LightningModule):
                 f"{tokenizer.get_vocab_size(with_added_tokens=True)}; they must match (leave model.config.vocab_size "
                 "to the data module)."
             )
-        if self._pretrained_tokenizer is not None:
-            from rnnlm.pretrained import describe_tokenizer, same_tokenizer
-
-            if not same_tokenizer(tokenizer, self._pretrained_tokenizer):
-                raise ConfigError(
-                    f"The data's tokenizer ({describe_tokenizer(tokenizer)}) is not the one of the pretrained model "
-                    f"{self.init_report['from']} ({describe_tokenizer(self._pretrained_tokenizer)}), so the ids would "
-                    "read the wrong rows. Give the data module init_from too (the CLI does), or, at word or char "
-                    "level, use init_vocab='match'."
-                )
-        if self._pretrained is not None:
-            self._match_vocabulary(tokenizer)
+        if self.start is not None:
+            self.start.use_tokenizer(tokenizer)
         self.tokenizer_json = tokenizer.to_str()
         self.chars_per_token = dict(chars_per_token)
         self._data_facts = dict(facts or {})
@@ -250,11 +172,8 @@ class LanguageModel(L.LightningModule):
         self.use_data(description["tokenizer"], description["chars_per_token"], description["facts"])
 
     def on_fit_start(self) -> None:
-        if self._pretrained is not None:
-            raise ConfigError(
-                "model.init_vocab=match maps the pretrained rows onto the data's vocabulary, so it needs a data "
-                "module with a tokenizer (LMDataModule), not plain loaders."
-            )
+        if self.start is not None:
+            self.start.check_complete()
         facts = {"parameters": sum(p.numel() for p in self.parameters()), "data": self._data_facts}
         for logger in self.loggers:
             logger.log_hyperparams(facts)

@@ -16,15 +16,17 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
-from rnnlm.encoding import PARALLEL_MIN_CHARS, default_workers
 from rnnlm.errors import check_positive_int
-from rnnlm.sources import Corpus, DataError, default_cache_dir, load_corpus
-from rnnlm.streams import ChunkLoader, rank_rows
-from rnnlm.token_cache import TokenCache, cached_tokenizer
-from rnnlm.tokenization import (
+from rnnlm.sharing.transfer import read_pretrained_tokenizer
+from rnnlm.text.encoding import PARALLEL_MIN_CHARS, default_workers
+from rnnlm.text.sources import Corpus, DataError, default_cache_dir, load_corpus
+from rnnlm.text.streams import ChunkLoader, rank_rows
+from rnnlm.text.token_cache import TokenCache, cached_tokenizer
+from rnnlm.text.tokenization import (
     LEVELS,
     Encoder,
     TokenizerError,
+    describe_tokenizer,
     load_pretrained,
     tokenizers_parallelism,
     train_tokenizer,
@@ -154,6 +156,11 @@ class LMDataModule(L.LightningDataModule):
         return self._corpus
 
     @property
+    def splits(self) -> list[str]:
+        """The names of the splits the source has (``train``, ``validation``, ``test``)."""
+        return self.corpus.splits
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, trained on the training split on first use and cached (or loaded from the cache)."""
         if self._tokenizer is None:
@@ -178,7 +185,6 @@ class LMDataModule(L.LightningDataModule):
     def _load_or_train_tokenizer(self) -> Tokenizer:
         hp = self.hparams
         if hp.get("init_from"):
-            from rnnlm.pretrained import describe_tokenizer, read_pretrained_tokenizer
 
             tokenizer = read_pretrained_tokenizer(hp.init_from)
             rank_zero_info(

@@ -27,10 +27,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from rnnlm.encoding import encode_to_file
 from rnnlm.files import atomic_open, write_atomically
-from rnnlm.sources import DataError, digest
-from rnnlm.tokenization import Encoder
+from rnnlm.text.encoding import encode_to_file
+from rnnlm.text.sources import DataError, digest
+from rnnlm.text.tokenization import Encoder
 
 # The format of an entry (ids.bin and meta.json): an entry of another version is refused, not misread.
 TOKEN_CACHE_FORMAT_VERSION = 1

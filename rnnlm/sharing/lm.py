@@ -15,15 +15,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from rnnlm.config import RNNLMConfig
-from rnnlm.errors import ConfigError
-from rnnlm.files import CheckpointError, load_safely
-from rnnlm.model import RNNLM
-from rnnlm.tokenization import Encoder
+from rnnlm.files import load_safely
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
+from rnnlm.sharing.checkpoints import checked_config, data_settings, load_module_weights
+from rnnlm.sharing.folders import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    PretrainedError,
+    load_weights,
+    read_config,
+    read_tokenizer,
+    read_values,
+)
+from rnnlm.sharing.hub import locate
+from rnnlm.text.tokenization import Encoder
 
 
 @dataclass
@@ -151,16 +163,6 @@ def sample(
                    stop_at_separator)[0].text
 
 
-def config_of_checkpoint(checkpoint: dict) -> RNNLMConfig:
-    """The model config a checkpoint was written with (also from checkpoints of rnnlm before the config object,
-    whose model settings were flat hyperparameters)."""
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "config" in hparams:
-        return RNNLMConfig.from_dict(dict(hparams["config"]))
-    names = set(RNNLMConfig.__dataclass_fields__)
-    return RNNLMConfig.from_dict({k: v for k, v in hparams.items() if k in names})
-
-
 def load(
     path_or_repo: str | os.PathLike,
     map_location: str | torch.device = "cpu",
@@ -173,40 +175,10 @@ def load(
     (downloaded and cached by ``huggingface_hub``; ``revision`` picks a branch, tag or commit). Neither kind of file
     can run code when loaded.
     """
-    from rnnlm.pretrained import locate, read_folder
-
     kind, where = locate(path_or_repo, revision)
     if kind == "folder":
-        return read_folder(where, map_location)
+        return from_folder(where, map_location)
     return from_checkpoint(load_safely(where, map_location), str(where), map_location)
-
-
-def checked_config(checkpoint: dict, path: str) -> RNNLMConfig:
-    """The model config of an rnnlm checkpoint already read, refusing a checkpoint that is not rnnlm's or whose
-    settings cannot be used."""
-    extra = checkpoint.get("rnnlm")
-    if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
-    try:
-        return config_of_checkpoint(checkpoint)
-    except ConfigError as err:
-        raise CheckpointError(f"The model settings in {path!r} cannot be used: {err}") from None
-
-
-def load_module_weights(model: torch.nn.Module, checkpoint: dict, path: str) -> None:
-    """Fill ``model`` from a checkpoint's LightningModule state (its ``model.`` entries), refusing weights that do
-    not fit."""
-    prefix = "model."
-    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"The weights in {path!r} do not fit its model settings: {err}") from None
-
-
-def data_settings(checkpoint: dict) -> dict:
-    """The data module's settings saved in a checkpoint (Lightning's private entries left out)."""
-    return {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
 
 
 def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.device = "cpu") -> TrainedModel:
@@ -220,3 +192,24 @@ def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.devic
         data=data_settings(checkpoint),
         chars_per_token=dict(extra.get("chars_per_token", {})),
     )
+
+
+def from_folder(folder: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """The :class:`~rnnlm.sharing.lm.TrainedModel` of an exported folder, every file checked against config.json."""
+    folder = Path(folder)
+    values = read_values(folder)
+    config = read_config(folder)
+    tokenizer = read_tokenizer(folder)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != config.vocab_size:
+        raise PretrainedError(
+            f"{folder / TOKENIZER_FILE} has {size:,} tokens but {CONFIG_FILE} says vocab_size {config.vocab_size:,}: "
+            "the files come from different models."
+        )
+    model = RNNLM(config)
+    load_weights(model, folder / MODEL_FILE)
+    data, chars = values.get("data") or {}, values.get("chars_per_token") or {}
+    if not isinstance(data, dict) or not isinstance(chars, dict):
+        raise PretrainedError(f"{folder / CONFIG_FILE}: 'data' and 'chars_per_token' must be JSON objects.")
+    return TrainedModel(model=model.to(map_location).eval(), tokenizer=tokenizer, data=dict(data),
+                        chars_per_token=dict(chars))

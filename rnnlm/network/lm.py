@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import rnn_kernels_for_autocast
-from rnnlm.head import auto_block_rows, linear_cross_entropy
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.head import auto_block_rows, linear_cross_entropy
 
 State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 DIRECTIONS = ("forward", "backward")
@@ -184,7 +184,7 @@ class Output(NamedTuple):
 
 class RNNLM(nn.Module):
     """A multi-layer recurrent language model on torch's fused RNN kernels (cuDNN on GPU), built from a
-    :class:`~rnnlm.config.RNNLMConfig` (which documents every setting)."""
+    :class:`~rnnlm.network.config.RNNLMConfig` (which documents every setting)."""
 
     def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
@@ -342,7 +342,8 @@ class RNNLM(nn.Module):
 
     def loss_block_rows(self, features: Tensor) -> int:
         """Rows per block of the fused softmax head for these decoder inputs (0: the plain head, which forms the full
-        logits): the config's ``loss_block_rows``, or when it is None the rule of :func:`~rnnlm.head.auto_block_rows`
+        logits): the config's ``loss_block_rows``, or when it is None the rule of
+        :func:`~rnnlm.network.head.auto_block_rows`
         for this vocabulary, number of positions and device."""
         rows = self.config.loss_block_rows
         if rows is None:

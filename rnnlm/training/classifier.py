@@ -1,14 +1,14 @@
-"""The classification LightningModule: a :class:`~rnnlm.classifier.Classifier` trained with ULMFiT's recipe.
+"""The classification LightningModule: a :class:`~rnnlm.network.classifier.Classifier` trained with ULMFiT's recipe.
 
 The encoder starts from a pretrained language model (``init_from``: anything :func:`rnnlm.load` reads) or from
-scratch (``config``). Training follows ULMFiT (see ``rnnlm/ulmfit.py``): the optimizer gets one parameter group
+scratch (``config``). Training follows ULMFiT (see ``rnnlm/training/ulmfit.py``): the optimizer gets one parameter group
 per layer group with discriminative learning rates, gradual unfreezing trains the head alone in the first epoch and
-one more group each epoch, and :class:`~rnnlm.ulmfit.SlantedTriangularLR` is the schedule the configs use.
+one more group each epoch, and :class:`~rnnlm.training.ulmfit.SlantedTriangularLR` is the schedule the configs use.
 
 Metrics per split: loss (cross-entropy, nats), accuracy and macro-F1; validation and test also log a confusion
 matrix to W&B, and validation the training time so far (``val/train_seconds``, over resumes), for accuracy against
 time. A checkpoint holds the labels (class i is ``labels[i]``), the tokenizer and the tokens read per text,
-so :func:`rnnlm.classifier.load` alone can predict.
+so :func:`rnnlm.sharing.classifier.load` alone can predict.
 """
 
 from __future__ import annotations
@@ -27,21 +27,24 @@ from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from rnnlm import __version__
-from rnnlm.classification_data import BucketLoader, batch_tokens
-from rnnlm.classifier import TASK, Batch, Classifier, scaled_dropouts
-from rnnlm.config import RNNLMConfig
+from rnnlm.data.classifier import BucketLoader, batch_tokens
 from rnnlm.errors import ConfigError, check_positive_int
 from rnnlm.files import CheckpointError
-from rnnlm.tokenization import TokenizerError
-from rnnlm.training import TokensPerSecond, writing_step
-from rnnlm.ulmfit import (
+from rnnlm.network.classifier import Classifier, scaled_dropouts
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.sharing.checkpoints import CLASSIFIER as TASK
+from rnnlm.sharing.lm import load
+from rnnlm.text.batching import Batch
+from rnnlm.text.tokenization import TokenizerError
+from rnnlm.training.callbacks import TokensPerSecond, writing_step
+from rnnlm.training.ulmfit import (
     SlantedTriangularLR,
     discriminative_param_groups,
     freeze_below,
     scale_learning_rates,
     trainable_groups,
 )
+from rnnlm.version import __version__
 
 STAGES = ("val", "test")
 _STEP_SCHEDULERS = (SlantedTriangularLR, OneCycleLR, CyclicLR)  # designed to move every optimizer step
@@ -50,7 +53,6 @@ _STEP_SCHEDULERS = (SlantedTriangularLR, OneCycleLR, CyclicLR)  # designed to mo
 def load_pretrained_encoder(init_from: str, classifier: Classifier) -> None:
     """Copy the embedding and recurrent weights of a pretrained LM (anything :func:`rnnlm.load` reads) into
     ``classifier.encoder``."""
-    from rnnlm.inference import load
 
     weights = load(init_from).model.state_dict()
     own = classifier.encoder.state_dict()
@@ -61,7 +63,7 @@ def load_pretrained_encoder(init_from: str, classifier: Classifier) -> None:
 
 
 class TextClassifier(L.LightningModule):
-    """Trains a :class:`~rnnlm.classifier.Classifier` (ULMFiT).
+    """Trains a :class:`~rnnlm.network.classifier.Classifier` (ULMFiT).
 
     Args:
         config: the encoder's settings when training from scratch (``--model.config.*``; the vocabulary size comes
@@ -80,7 +82,7 @@ class TextClassifier(L.LightningModule):
             than the one above it (ULMFiT: 2.6; 1 gives every group the same rate).
         optimizer: the optimizer (``class_path`` / ``init_args`` in YAML; default AdamW); it receives one parameter
             group per layer group.
-        lr_scheduler: the learning-rate schedule (e.g. ``rnnlm.ulmfit.SlantedTriangularLR``); stepped every
+        lr_scheduler: the learning-rate schedule (e.g. ``rnnlm.training.ulmfit.SlantedTriangularLR``); stepped every
             optimizer step for SlantedTriangularLR, OneCycleLR and CyclicLR, every epoch otherwise.
     """
 
@@ -106,7 +108,6 @@ class TextClassifier(L.LightningModule):
         config = config if isinstance(config, RNNLMConfig) else RNNLMConfig.from_dict(dict(config))
         labels = list(labels)
         if init_from is not None:
-            from rnnlm.inference import load
 
             set_here = [k for k, v in config.to_dict().items()
                         if v != RNNLMConfig(vocab_size=config.vocab_size).to_dict()[k]]

@@ -1,7 +1,8 @@
 """ULMFiT's fine-tuning recipe (Howard & Ruder 2018, "Universal Language Model Fine-tuning for Text Classification").
 
 - **Layer groups**: the classifier's parameters cut bottom to top into the input embedding, each recurrent layer
-  (both directions of a bidirectional model together) and the head (:meth:`rnnlm.classifier.Classifier.layer_groups`).
+  (both directions of a bidirectional model together) and the head
+  (:meth:`rnnlm.network.classifier.Classifier.layer_groups`).
 - **Discriminative learning rates**: one optimizer parameter group per layer group; the head gets the configured
   learning rate and each group below it that rate divided once more by ``factor`` (2.6 in the paper), so the
   embedding, farthest from the task, moves least (:func:`discriminative_param_groups`).
@@ -69,7 +70,7 @@ class SlantedTriangularLR(LRScheduler):
     at the last one. Each parameter group keeps its own peak, so discriminative rates keep their ratios.
 
     ``total_steps`` None: the classifier sets it from the Trainer (``trainer.estimated_stepping_batches``) right
-    after creating the scheduler, so a YAML file needs only ``class_path: rnnlm.ulmfit.SlantedTriangularLR``.
+    after creating the scheduler, so a YAML file needs only ``class_path: rnnlm.training.ulmfit.SlantedTriangularLR``.
     """
 
     def __init__(

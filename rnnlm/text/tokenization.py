@@ -363,3 +363,30 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+# --------------------------------------------------------------------------------------------- kind
+def tokenizer_kind(tokenizer: Tokenizer, setting: str | None = None) -> str:
+    """``char``, ``byte``, ``word``, ``bpe``, ``unigram`` or ``wordpiece``: the data setting when it names a level,
+    otherwise read from the tokenizer's structure."""
+    if setting in LEVELS:
+        return setting  # type: ignore[return-value]
+    spec = json.loads(tokenizer.to_str())
+    if _is_char_level(spec):
+        return "char"
+    if _is_byte_level(spec):
+        return "byte"
+    kind = spec.get("model", {}).get("type", "unknown")
+    return {"WordLevel": "word", "BPE": "bpe", "Unigram": "unigram", "WordPiece": "wordpiece"}.get(kind, kind.lower())
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give the same ids for the same text."""
+    if a.get_vocab(with_added_tokens=True) != b.get_vocab(with_added_tokens=True):
+        return False
+    sa, sb = json.loads(a.to_str()), json.loads(b.to_str())
+    return all(sa.get(k) == sb.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens"))
+
+
+def describe_tokenizer(tokenizer: Tokenizer, setting: str | None = None) -> str:
+    return f"{tokenizer_kind(tokenizer, setting)}, {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens"
