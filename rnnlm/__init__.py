@@ -21,7 +21,8 @@ the contract in pyproject.toml). Two stacks run through the layers side by side,
                     streams, batching, the data modules;         (LMDataModule)        (ClassificationDataModule)
                     network: config, RNN, fused head, pointer    network.lm (RNNLM)    network.classifier
                     (plain torch, no Lightning)                                        (Classifier)
-    base            errors, files (atomic writes, safe reads), cpu, version
+    base            errors, files (atomic writes, safe reads), cpu, version,
+                    commands (what the command faces share: --device, input lines)
 
 ``data`` and ``network`` know nothing of each other; the two stacks meet only where the classifier is built on
 the language model (its network is an RNNLM encoder, it is fine-tuned from a trained LM).

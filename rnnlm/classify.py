@@ -21,16 +21,16 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from rnnlm.commands import add_device_option, read_lines, resolve_device
 from rnnlm.data.classifier import ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError, run_main
 from rnnlm.sharing.classifier import load
 from rnnlm.text.batching import batches_by_length
+from rnnlm.text.tokenization import batched
 from rnnlm.training.classifier import TextClassifier
 from rnnlm.training.cli import ClassifierCLI
 from rnnlm.training.cli import train as run_cli
@@ -49,45 +49,17 @@ def train(args: list[str] | None = None):
 
 
 # ------------------------------------------------------------------------------------------------ use
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _read_lines(path: str) -> Iterator[str]:
-    if path == "-":
-        for line in sys.stdin:
-            yield line.rstrip("\n").rstrip("\r")
-        return
-    if not Path(path).is_file():
-        raise UserError(f"The input file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n").rstrip("\r")
-
-
-def _blocks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
-    block: list[str] = []
-    for line in lines:
-        block.append(line)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
 def predict(checkpoint: str, input: str, output: str | None = None, batch_size: int = 64,
             device: str = "auto") -> int:
     """Write a JSON line per input line (see the module docstring); returns the number of lines."""
 
-    clf = load(checkpoint, map_location=_device(device))
+    clf = load(checkpoint, map_location=resolve_device(device))
+    texts = read_lines(input)  # a missing input is refused here, before --output is written
     keys = [str(label) for label in clf.labels]
     out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 - stdout is not closed
     count = empty = 0
     try:
-        for block in _blocks(_read_lines(input), 4096):
+        for block in batched(texts, 4096):
             for row in clf.probabilities(block, batch_size):
                 if np.isnan(row).any():
                     record = {"label": None, "probabilities": None}
@@ -117,7 +89,7 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
     )
 
 
-    clf = load(checkpoint, map_location=_device(device))
+    clf = load(checkpoint, map_location=resolve_device(device))
     settings = dict(clf.data)
     if source is None and "source" not in settings:
         raise UserError(f"{checkpoint!r} does not say which data it was trained on (it was not trained with "
@@ -172,11 +144,12 @@ def _print_evaluation(result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def _parser(command: str) -> argparse.ArgumentParser:
+def parser(command: str) -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.classify predict`` or ``... evaluate``."""
     parser = argparse.ArgumentParser(prog=f"python -m rnnlm.classify {command}")
     parser.add_argument("--checkpoint", required=True, help="A classifier checkpoint written by rnnlm.classify.")
     parser.add_argument("--batch_size", type=int, default=64 if command == "predict" else 128)
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    add_device_option(parser)
     if command == "predict":
         parser.add_argument("--input", required=True, help="A text file, one text per line ('-': stdin).")
         parser.add_argument("--output", default=None, help="Where the JSON lines go (default: stdout).")
@@ -195,7 +168,7 @@ def main(args: list[str] | None = None):
     if not argv or argv[0] not in COMMANDS:
         return train(args)  # None from the command line: LightningCLI reads sys.argv itself
     command, argv = argv[0], argv[1:]
-    options = vars(_parser(command).parse_args(argv))
+    options = vars(parser(command).parse_args(argv))
     if options["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be a positive integer, got {options['batch_size']}.")
     if command == "predict":

@@ -130,11 +130,12 @@ def test_generate_is_reproducible_and_greedy_matches_top1():
     torch.manual_seed(4)
     model = RNNLM(RNNLMConfig(30, embedding_dim=8, hidden_size=8)).eval()
     prompt = torch.tensor([1, 2, 3])
-    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    a = model.generate(prompt, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(7))
     assert a.shape == (20,) and torch.equal(a, b)
-    greedy = model.generate(prompt, 10, temperature=0)
-    top1 = model.generate(prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(prompt, max_new_tokens=10, temperature=0)
+    top1 = model.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=1,
+                          generator=torch.Generator().manual_seed(1))
     assert torch.equal(greedy, top1)
     # Greedy decoding by hand: each step feeds the argmax back with the carried state.
     out = model(prompt[None])

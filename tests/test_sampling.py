@@ -77,8 +77,9 @@ def _model(vocab: int = 30, seed: int = 4) -> RNNLM:
 
 def test_a_tiny_nucleus_is_greedy():
     model, prompt = _model(), torch.tensor([1, 2, 3])
-    greedy = model.generate(prompt, 15, temperature=0)
-    nucleus = model.generate(prompt, 15, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(prompt, max_new_tokens=15, temperature=0)
+    nucleus = model.generate(prompt, max_new_tokens=15, temperature=1.0, top_p=1e-6,
+                             generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy, nucleus)
 
 
@@ -86,25 +87,28 @@ def test_num_samples_is_one_batch_primed_once():
     model, prompt = _model(), torch.tensor([1, 2, 3])
 
     def draw(seed: int, **settings) -> torch.Tensor:
-        return model.generate(prompt, 12, 1.0, generator=torch.Generator().manual_seed(seed), **settings)
+        return model.generate(prompt, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                              **settings)
 
     batch = draw(5, num_samples=6)
     assert batch.shape == (6, 12)
     assert torch.equal(batch, draw(5, num_samples=6))  # reproducible
     assert len({tuple(row) for row in batch.tolist()}) > 1  # the streams sample independently
     # Greedy: every stream is the single greedy continuation.
-    greedy = model.generate(prompt, 12, temperature=0, num_samples=3)
-    assert torch.equal(greedy, model.generate(prompt, 12, temperature=0).expand(3, -1))
+    greedy = model.generate(prompt, max_new_tokens=12, temperature=0, num_samples=3)
+    assert torch.equal(greedy, model.generate(prompt, max_new_tokens=12, temperature=0).expand(3, -1))
     # A [B, T] prompt gives B * num_samples rows, each prompt's streams next to each other.
-    two = model.generate(torch.stack([prompt, prompt.flip(0)]), 12, temperature=0, num_samples=2)
-    assert torch.equal(two[2], model.generate(prompt.flip(0), 12, temperature=0))
+    two = model.generate(torch.stack([prompt, prompt.flip(0)]), max_new_tokens=12, temperature=0, num_samples=2)
+    assert torch.equal(two[2], model.generate(prompt.flip(0), max_new_tokens=12, temperature=0))
     assert torch.equal(two[0], two[1]) and torch.equal(two[2], two[3])
 
 
 def test_streams_stop_at_the_stop_token():
     model, prompt = _model(vocab=4), torch.tensor([1])
-    free = model.generate(prompt, 40, 1.0, generator=torch.Generator().manual_seed(2), num_samples=8)
-    stopped = model.generate(prompt, 40, 1.0, generator=torch.Generator().manual_seed(2), num_samples=8,
+    free = model.generate(prompt, max_new_tokens=40, temperature=1.0,
+                         generator=torch.Generator().manual_seed(2), num_samples=8)
+    stopped = model.generate(prompt, max_new_tokens=40, temperature=1.0,
+                         generator=torch.Generator().manual_seed(2), num_samples=8,
                              stop_token=0)
     # Same draws until each stream stops; after its stop token a stream only repeats it.
     ends = []
@@ -143,15 +147,15 @@ def test_samples_stop_at_the_separator():
         else:
             assert s.text == f.text and s.tokens == 30
     # The single-text API is the first of one sample.
-    assert lm.sample("ab", 30, 1.0, seed=3, stop_at_separator=True) == lm.samples(
-        "ab", 1, 30, 1.0, seed=3, stop_at_separator=True)[0].text
+    assert lm.sample("ab", max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True) == lm.samples(
+        "ab", num_samples=1, max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True)[0].text
 
 
 def test_sampling_settings_are_checked():
     model, prompt = _model(), torch.tensor([1])
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0}, {"temperature": -1.0}, {"num_samples": 0}):
         with pytest.raises(ValueError):
-            model.generate(prompt, 3, **{"temperature": 1.0, **bad})
+            model.generate(prompt, max_new_tokens=3, **{"temperature": 1.0, **bad})
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +188,8 @@ def test_generate_json_lines(checkpoint, capsys):
     # The same seed gives the same texts: those of the Python API with the same settings.
     assert generate.main(args) == samples
     lm = load(checkpoint)
-    assert samples == lm.samples("the", 4, 25, 1.2, 20, 0.9, seed=7, stop_at_separator=True)
+    assert samples == lm.samples("the", num_samples=4, max_new_tokens=25, temperature=1.2, top_k=20, top_p=0.9, seed=7,
+                                 stop_at_separator=True)
 
 
 def test_generate_without_a_seed_reports_the_one_it_drew(checkpoint, capsys):
@@ -203,3 +208,14 @@ def test_generate_plain_text_separates_samples(checkpoint, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--checkpoint", str(checkpoint), "--top_p", "0"])
     assert "--top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_sampling_settings_are_keywords_after_the_prompt():
+    """One signature: after the prompt every sampling setting is named, so two orders cannot disagree."""
+    with pytest.raises(TypeError):
+        _model(vocab=4).generate(torch.tensor([1]), 5)
+    lm = _char_model(stop_bias=0.0)
+    with pytest.raises(TypeError):
+        lm.samples("ab", 2)
+    with pytest.raises(TypeError):
+        lm.sample("ab", 5)

@@ -394,11 +394,12 @@ class RNNLM(nn.Module):
     def generate(
         self,
         prompt: Tensor,
+        *,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        generator: torch.Generator | None = None,
         top_p: float | None = None,
+        generator: torch.Generator | None = None,
         num_samples: int = 1,
         stop_token: int | None = None,
     ) -> Tensor:
@@ -415,8 +416,8 @@ class RNNLM(nn.Module):
         ends as soon as every stream has stopped, so N <= ``max_new_tokens``.
         """
         if prompt.dim() == 1:
-            new = self.generate(prompt[None], max_new_tokens, temperature, top_k, generator, top_p, num_samples,
-                                stop_token)
+            new = self.generate(prompt[None], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, generator=generator, num_samples=num_samples, stop_token=stop_token)
             return new[0] if num_samples == 1 else new
         if prompt.size(1) == 0:
             raise ValueError("generate needs at least one prompt token to condition on.")

@@ -1,5 +1,5 @@
 """What an rnnlm checkpoint holds besides the LightningModule's state: one record, ``checkpoint["rnnlm"]``, written
-by both LightningModules through :func:`record` and read here.
+by both LightningModules through ``rnnlm.training.checkpointing.write_record`` and read here.
 
 The record holds the tokenizer (``tokenizer.json`` text), the rnnlm version, the run's name and tracking project,
 the characters per token of each split, and for a classifier its task and ``max_length``. Reading a checkpoint
@@ -13,15 +13,8 @@ import torch
 from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError
 from rnnlm.network.config import RNNLMConfig
-from rnnlm.version import __version__
 
 CLASSIFIER = "classification"  # the record's "task" for a classifier (absent: a language model)
-
-
-def record(tokenizer_json: str | None, run: dict, **extra) -> dict:
-    """The ``checkpoint["rnnlm"]`` record: the tokenizer, this rnnlm's version, the run's facts (``run_name``,
-    ``project``; see ``rnnlm.training.tracking.run_facts``), then the model kind's own entries."""
-    return {"version": __version__, "tokenizer": tokenizer_json, **run, **extra}
 
 
 def is_classifier_checkpoint(checkpoint: dict) -> bool:

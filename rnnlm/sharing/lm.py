@@ -58,34 +58,13 @@ class TrainedModel:
     def config(self) -> RNNLMConfig:
         return self.model.config
 
-    def sample(
-        self,
-        prompt: str = "",
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        seed: int | None = None,
-        top_p: float | None = None,
-        stop_at_separator: bool = False,
-    ) -> str:
-        """Text generated after ``prompt``; the hidden state starts from a document boundary (see :func:`sample`)."""
-        return sample(self.model, self.encoder, prompt, max_new_tokens, temperature, top_k, seed, top_p,
-                      stop_at_separator)
+    def sample(self, prompt: str = "", **settings) -> str:
+        """Text generated after ``prompt``, with the keyword settings of :func:`samples`."""
+        return sample(self.model, self.encoder, prompt, **settings)
 
-    def samples(
-        self,
-        prompt: str = "",
-        num_samples: int = 1,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_separator: bool = False,
-    ) -> list[Sample]:
-        """``num_samples`` texts generated after ``prompt`` as one batch (see :func:`samples`)."""
-        return samples(self.model, self.encoder, prompt, num_samples, max_new_tokens, temperature, top_k, top_p,
-                       seed, stop_at_separator)
+    def samples(self, prompt: str = "", **settings) -> list[Sample]:
+        """Texts generated after ``prompt`` as one batch, with the keyword settings of :func:`samples`."""
+        return samples(self.model, self.encoder, prompt, **settings)
 
 
 @dataclass(frozen=True)
@@ -107,6 +86,7 @@ def samples(
     model: RNNLM,
     encoder: Encoder,
     prompt: str = "",
+    *,
     num_samples: int = 1,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
@@ -130,7 +110,8 @@ def samples(
     try:
         start = torch.tensor([encoder.separator, *prompt_ids], device=device)
         stop = encoder.separator if stop_at_separator else None
-        new = model.generate(start[None], max_new_tokens, temperature, top_k, generator, top_p, num_samples, stop)
+        new = model.generate(start[None], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=generator, num_samples=num_samples, stop_token=stop)
     finally:
         model.train(was_training)
     # Decode prompt and continuation together so that word-level spacing comes out right.
@@ -146,21 +127,10 @@ def samples(
     return results
 
 
-def sample(
-    model: RNNLM,
-    encoder: Encoder,
-    prompt: str = "",
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    seed: int | None = None,
-    top_p: float | None = None,
-    stop_at_separator: bool = False,
-) -> str:
-    """Generate text after ``prompt`` with ``model``; the hidden state starts from a document boundary. One
-    :func:`samples`, its text only."""
-    return samples(model, encoder, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed,
-                   stop_at_separator)[0].text
+def sample(model: RNNLM, encoder: Encoder, prompt: str = "", **settings) -> str:
+    """Generate text after ``prompt`` with ``model``, with the keyword settings of :func:`samples` (one sample, its
+    text only)."""
+    return samples(model, encoder, prompt, **settings)[0].text
 
 
 def load(

@@ -243,8 +243,8 @@ class TextSample(L.Callback):
     def _sample(self, trainer: L.Trainer, pl_module) -> str:
         if self._encoder is None or self._encoder[0] != pl_module.tokenizer_json:
             self._encoder = (pl_module.tokenizer_json, Encoder(Tokenizer.from_str(pl_module.tokenizer_json)))
-        text = sample(pl_module.model, self._encoder[1], self.prompt, self.max_new_tokens, self.temperature,
-                      self.top_k, self.seed)
+        text = sample(pl_module.model, self._encoder[1], self.prompt, max_new_tokens=self.max_new_tokens,
+                      temperature=self.temperature, top_k=self.top_k, seed=self.seed)
         self.samples.append([trainer.global_step, self.prompt, text, self.temperature])
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):

@@ -28,11 +28,14 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 
 from rnnlm.errors import ConfigError, check_positive_int
 from rnnlm.files import CheckpointError, load_safely, save_atomically
+from rnnlm.training.tracking import wandb_run_facts
+from rnnlm.version import __version__
 
 
 class TrainingInterrupted(Exception):
@@ -468,3 +471,26 @@ def newest_checkpoint(
         return FoundCheckpoint(path, int(checkpoint.get("global_step", 0)),
                                checkpoint.get("rnnlm", {}).get("wandb_run"))  # fmt: skip
     return None
+
+
+# ------------------------------------------------------------------------------------------ rnnlm's record
+def write_record(module: L.LightningModule, checkpoint: dict, **entries) -> None:
+    """Write ``checkpoint["rnnlm"]`` (read by ``rnnlm.sharing.checkpoints``), the one writer of both
+    LightningModules: the rnnlm version, the tokenizer, the data facts, the validation metrics of these very
+    weights, the run's configuration and, in training, the W&B run (so that a resumed run continues it), then the
+    module's own ``entries``. Plain strings, numbers and tensors only, so the checkpoint alone is enough to use the
+    model and it loads with ``weights_only=True``."""
+    trainer = module.trainer
+    record = {"version": __version__, "tokenizer": module.tokenizer_json}
+    if module._data_facts:
+        record["data"] = module._data_facts
+    val = module.measured.get("val")
+    if val is not None and val["step"] == trainer.global_step:
+        record["metrics"] = {"val": dict(val)}
+    if module.run_config is not None:
+        record["run_config"] = module.run_config
+    if trainer.state.fn == "fit" and trainer.is_global_zero:
+        for logger in module.loggers:
+            if isinstance(logger, WandbLogger):
+                record["wandb_run"] = wandb_run_facts(logger)
+    checkpoint["rnnlm"] = {**record, **entries}

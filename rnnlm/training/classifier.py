@@ -37,6 +37,7 @@ from rnnlm.sharing.lm import load
 from rnnlm.text.batching import Batch
 from rnnlm.text.tokenization import TokenizerError
 from rnnlm.training.callbacks import TokensPerSecond, writing_step
+from rnnlm.training.checkpointing import write_record
 from rnnlm.training.ulmfit import (
     SlantedTriangularLR,
     discriminative_param_groups,
@@ -44,7 +45,6 @@ from rnnlm.training.ulmfit import (
     scale_learning_rates,
     trainable_groups,
 )
-from rnnlm.version import __version__
 
 STAGES = ("val", "test")
 _STEP_SCHEDULERS = (SlantedTriangularLR, OneCycleLR, CyclicLR)  # designed to move every optimizer step
@@ -311,19 +311,7 @@ class TextClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rnnlm"] = {"version": __version__, "task": TASK, "tokenizer": self.tokenizer_json,
-                               "max_length": self.max_length, "train_seconds": self.train_seconds()}
-        val = self.measured.get("val")
-        if val is not None and val["step"] == self.global_step:
-            checkpoint["rnnlm"]["metrics"] = {"val": dict(val)}
-        if self.run_config is not None:
-            checkpoint["rnnlm"]["run_config"] = self.run_config
-        if self._data_facts:
-            checkpoint["rnnlm"]["data"] = self._data_facts
-        if self.trainer.state.fn == "fit":
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
-                    checkpoint["rnnlm"]["wandb_run"] = {"id": logger.version, "name": logger.name}
+        write_record(self, checkpoint, task=TASK, max_length=self.max_length, train_seconds=self.train_seconds())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("rnnlm", {})

@@ -13,11 +13,9 @@ training streams' hidden states and the random-number generators' states of ever
 from __future__ import annotations
 
 import math
-import os
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from tokenizers import Tokenizer
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -30,7 +28,7 @@ from rnnlm.sharing.checkpoints import config_of_checkpoint
 from rnnlm.sharing.transfer import PretrainedStart
 from rnnlm.text.streams import ChunkLoader
 from rnnlm.training.callbacks import ChunkLengthLR, NonFiniteGuard, TokensPerSecond, writing_step
-from rnnlm.version import __version__
+from rnnlm.training.checkpointing import write_record
 
 LN2 = math.log(2)
 NONFINITE_POLICIES = ("stop", "skip", "ignore")
@@ -315,25 +313,10 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings, numbers and tensors only, so the checkpoint alone is enough to generate or evaluate and
         # loads with weights_only=True. Runs on every process (the gathers below are collective); rank 0 writes.
-        checkpoint["rnnlm"] = {
-            "version": __version__,
-            "tokenizer": self.tokenizer_json,
-            "chars_per_token": dict(self.chars_per_token),
-        }
-        # What an export's model card tells: the data, the validation metrics of these very weights, the run.
-        if self._data_facts:
-            checkpoint["rnnlm"]["data"] = self._data_facts
-        val = self.measured.get("val")
-        if val is not None and val["step"] == self.trainer.global_step:
-            checkpoint["rnnlm"]["metrics"] = {"val": dict(val)}
-        if self.run_config is not None:
-            checkpoint["rnnlm"]["run_config"] = self.run_config
+        entries = {"chars_per_token": dict(self.chars_per_token)}
         if self.trainer.state.fn == "fit":
-            checkpoint["rnnlm"]["resume"] = self._resume_state()
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
-                    # A resumed run continues the same W&B run (and so the same checkpoint folder).
-                    checkpoint["rnnlm"]["wandb_run"] = _wandb_run_facts(logger)
+            entries["resume"] = self._resume_state()
+        write_record(self, checkpoint, **entries)
 
     def _resume_state(self) -> dict:
         """The training streams' carried states and the RNG states, one slice per process."""
@@ -399,23 +382,3 @@ class LanguageModel(L.LightningModule):
                 "Resume with the model settings it was trained with (see the run's config.yaml), "
                 "or start a new run without --ckpt_path."
             )
-
-
-
-def _wandb_run_facts(logger: WandbLogger) -> dict:
-    """The W&B run's id and name (what resuming needs), and where it lives when known (for a model card).
-
-    (``WandbLogger.name`` is the project's name; the run's own name is the experiment's.)"""
-    run = logger.experiment
-    facts = {"id": logger.version, "name": getattr(run, "name", None) or logger.name}
-    # An offline run has no URL (and warns when asked for one). (Not `run.offline`: reading that property during
-    # training left the offline run's file unwritten at finish, wandb 0.31.)
-    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
-    for key in ("project", "entity") if offline else ("project", "entity", "url"):
-        try:
-            value = getattr(run, key, None)
-        except Exception:  # noqa: BLE001 - an offline or disabled run may not know it
-            value = None
-        if isinstance(value, str) and value:
-            facts[key] = value
-    return facts

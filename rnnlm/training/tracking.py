@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import WandbLogger
+
 
 def has_wandb_credentials() -> bool:
     """An API key in the environment, or a netrc entry for the W&B host (where ``wandb login`` stores it)."""
@@ -79,3 +81,22 @@ def read_wandb_records(path: str | Path) -> Iterator:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(pending)
         yield record
+
+
+def wandb_run_facts(logger: WandbLogger) -> dict:
+    """The W&B run's id and name (what resuming needs), and where it lives when known (for a model card).
+
+    (``WandbLogger.name`` is the project's name; the run's own name is the experiment's.)"""
+    run = logger.experiment
+    facts = {"id": logger.version, "name": getattr(run, "name", None) or logger.name}
+    # An offline run has no URL (and warns when asked for one). (Not `run.offline`: reading that property during
+    # training left the offline run's file unwritten at finish, wandb 0.31.)
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+    for key in ("project", "entity") if offline else ("project", "entity", "url"):
+        try:
+            value = getattr(run, key, None)
+        except Exception:  # noqa: BLE001 - an offline or disabled run may not know it
+            value = None
+        if isinstance(value, str) and value:
+            facts[key] = value
+    return facts
