@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -46,6 +47,7 @@ class RNNLMCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         self.raw_args = sys.argv[1:] if args is None else args
         _refuse_moved_settings(self.raw_args)
+        _refuse_old_class_paths(self.raw_args)
         if isinstance(self.raw_args, (list, tuple)):
             args = _default_logger_folder(list(self.raw_args))
         super().parse_arguments(parser, args)
@@ -399,6 +401,44 @@ def _refuse_moved_settings(args) -> None:
         raise ConfigError(
             "The model's settings are now one config object, under model.config: " + "; ".join(found) + ". On the "
             "command line write --model.config.<setting>; in a YAML file nest the settings under model: config:."
+        )
+
+
+# Modules of rnnlm before the package was layered, and where their classes are now.
+MOVED_MODULES = {
+    "config": "network.config", "model": "network.lm", "head": "network.head", "pointer": "network.pointer",
+    "classifier": "network.classifier", "sources": "text.sources", "tokenization": "text.tokenization",
+    "encoding": "text.encoding", "token_cache": "text.token_cache", "streams": "text.streams", "data": "data.lm",
+    "classification_data": "data.classifier", "lm": "training.lm", "classification": "training.classifier",
+    "ulmfit": "training.ulmfit", "training": "training.callbacks", "callbacks": "training.callbacks",
+    "averaging": "training.averaging", "checkpointing": "training.checkpointing", "tracking": "training.tracking",
+    "inference": "sharing.lm", "pretrained": "sharing.folders",
+}  # fmt: skip
+# A class named right under one of those names is an old path: the layered package keeps no class at that level.
+_OLD_CLASS_PATH = re.compile(r"\brnnlm\.(" + "|".join(MOVED_MODULES) + r")\.([A-Z]\w*)\b")
+
+
+def _refuse_old_class_paths(args) -> None:
+    """Class paths of rnnlm before its modules moved into layers (``rnnlm.ulmfit.SlantedTriangularLR``), on the
+    command line or in a ``--config`` file: one message naming each new path."""
+    if not isinstance(args, (list, tuple)):
+        return
+    found: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        texts = [arg]
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            try:
+                texts.append(Path(path).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                pass  # the parser reports an unreadable config file itself
+        for text in texts:
+            for match in _OLD_CLASS_PATH.finditer(text):
+                found[match.group(0)] = f"rnnlm.{MOVED_MODULES[match.group(1)]}.{match.group(2)}"
+    if found:
+        raise ConfigError(
+            "rnnlm's modules moved into layers: " + "; ".join(f"{old} is now {new}" for old, new in found.items())
+            + ". Write the new class path in the config file or on the command line."
         )
 
 
