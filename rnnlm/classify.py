@@ -66,7 +66,7 @@ def predict(checkpoint: str, input: str, output: str | None = None, batch_size: 
                     empty += 1
                 else:
                     record = {"label": clf.labels[int(row.argmax())],
-                              "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row)}}
+                              "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row, strict=True)}}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
     finally:
@@ -138,7 +138,7 @@ def _print_evaluation(result: dict) -> None:
     width = max(8, *(len(n) + 1 for n in names))
     print("  confusion matrix (rows: true, columns: predicted)")
     print("  " + " " * width + "".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, result["confusion_matrix"]):
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
         print("  " + f"{name:>{width}}" + "".join(f"{c:>{width},}" for c in row))
     print(json.dumps(result, ensure_ascii=False))
 

@@ -136,7 +136,7 @@ class FeatureWriter:
             if self.pooling != "none":
                 layer_states = [self._pool(s, lengths) for s in layer_states]
             per_direction.append(layer_states)
-        layers = [torch.cat(parts, dim=-1) for parts in zip(*per_direction)]
+        layers = [torch.cat(parts, dim=-1) for parts in zip(*per_direction, strict=True)]
         if self.layers != "all":
             return layers[0].float()
         return torch.stack(layers, dim=-2).float()  # [..., layers, dim]
@@ -231,7 +231,7 @@ class _ArraysSink(_Sink):
         self.ids: list[np.ndarray] = []
 
     def write(self, tokens, features, decode) -> None:
-        for ids, f in zip(tokens, features):
+        for ids, f in zip(tokens, features, strict=True):
             if self.writer.pooling == "none":
                 self.features.append(f if f is not None else np.zeros((0, *self.writer.shape), np.float32))
                 self.ids.append(ids)

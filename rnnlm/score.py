@@ -183,7 +183,7 @@ def scores(
     finally:
         model.train(was_training)
     results = []
-    for i, (text, seq) in enumerate(zip(texts, sequences)):
+    for i, (text, seq) in enumerate(zip(texts, sequences, strict=True)):
         tokens, characters = len(seq) + extra, len(text) + extra
         logprob = sum(per_direction[d][i] for d in directions) / len(directions)
         result = {
@@ -284,7 +284,7 @@ def write_scores(
     totals = dict.fromkeys(keys, 0)
     for window in _windows(iter(items)):
         results = scores(trained, [item.text for item in window], batch_size, directions, end)
-        for item, result in zip(window, results):
+        for item, result in zip(window, results, strict=True):
             record = {"index": item.index, "line": item.line, **result}
             if include_text:
                 record["text"] = item.text

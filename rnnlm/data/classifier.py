@@ -351,7 +351,7 @@ class ClassificationDataModule(L.LightningDataModule):
             texts, labels, skipped = [], [], {"empty_text": 0, "no_label": 0}
             columns = ds.select_columns([hp.text_field, hp.label_field])
             for batch in columns.iter(batch_size=10_000):
-                for text, label in zip(batch[hp.text_field], batch[hp.label_field]):
+                for text, label in zip(batch[hp.text_field], batch[hp.label_field], strict=True):
                     label = label_value(label)
                     if names is not None and isinstance(label, int):
                         # datasets' convention: -1 in a ClassLabel column is "no label" (e.g. GLUE's test splits)
@@ -387,7 +387,7 @@ class ClassificationDataModule(L.LightningDataModule):
             counts = np.bincount(self._targets[split], minlength=len(self._classes))
             self._stats[split].update(
                 tokens=int(sum(len(t) for t in tokens)), truncated=int(cut),
-                class_counts={str(label): int(n) for label, n in zip(self._classes, counts)},
+                class_counts={str(label): int(n) for label, n in zip(self._classes, counts, strict=True)},
             )
 
     def _fix_classes(self, rows: dict[str, tuple[list[str], list]], names: list | None) -> list:

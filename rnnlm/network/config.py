@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from rnnlm.errors import ConfigError, check_positive_int, check_probability
 
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+# The recurrent cells, with what a model card calls them.
+CELL_NAMES = {"rnn_tanh": "Elman RNN (tanh)", "rnn_relu": "ReLU RNN", "lstm": "LSTM", "gru": "GRU"}
+CELLS = tuple(CELL_NAMES)
 INPUT_MODES = ("embedding", "one_hot")
 OUTPUTS = ("softmax", "adaptive")
 # Default cluster boundaries of the adaptive softmax: those below the vocabulary size are used.

@@ -133,7 +133,7 @@ class LayerStack(nn.Module):
         self.hidden_sizes = list(hidden_sizes)
         self.weight_drop = weight_drop
         inputs = [input_size, *hidden_sizes[:-1]]
-        self.layers = nn.ModuleList(make_rnn(cell, i, h) for i, h in zip(inputs, hidden_sizes))
+        self.layers = nn.ModuleList(make_rnn(cell, i, h) for i, h in zip(inputs, hidden_sizes, strict=True))
         self.drop_between = LockedDropout(dropout_between) if locked_dropout else nn.Dropout(dropout_between)
 
     @property
@@ -147,7 +147,7 @@ class LayerStack(nn.Module):
         dropped = F.dropout(w_hh, self.weight_drop, training=True)
         parts = (w_ih, dropped, b_ih, b_hh)
         packed = torch.cat([t.reshape(-1) for t in parts])
-        weights = [flat.view(t.shape) for flat, t in zip(packed.split([t.numel() for t in parts]), parts)]
+        weights = [flat.view(t.shape) for flat, t in zip(packed.split([t.numel() for t in parts]), parts, strict=True)]
         if state is None:
             zeros = x.new_zeros(1, x.size(0), layer.hidden_size)
             state = (zeros, zeros) if self.cell == "lstm" else zeros
@@ -361,7 +361,7 @@ class RNNLM(nn.Module):
             raise ValueError("representations() needs a bidirectional model (bidirectional=True).")
         fwd = self._layer_outputs(self._embed(idx, "forward"), "forward")
         bwd = self._layer_outputs(self._embed(idx.flip(1), "backward"), "backward")
-        both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd)]
+        both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
         return both if all_layers else both[-1]
 
     def _layer_outputs(self, x: Tensor, direction: str) -> list[Tensor]:

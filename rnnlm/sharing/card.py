@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import os
 
+from rnnlm.network.config import CELL_NAMES
 from rnnlm.network.lm import DIRECTIONS
 from rnnlm.sharing.checkpoints import data_settings
+from rnnlm.sharing.folders import LOCAL_DATA_SETTINGS
 from rnnlm.sharing.hub import looks_like_repo_id
 from rnnlm.sharing.lm import TrainedModel
-from rnnlm.text.tokenization import tokenizer_kind
+from rnnlm.text.tokenization import LEVEL_NAMES, tokenizer_kind
 from rnnlm.version import __version__
 
-KIND_WORDS = {
-    "char": "character-level",
-    "byte": "byte-level",
-    "word": "word-level",
-    "bpe": "byte-level BPE",
-    "unigram": "unigram subword",
-    "wordpiece": "WordPiece subword",
-}
-CELL_WORDS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "Elman RNN (tanh)", "rnn_relu": "ReLU RNN"}
 BUILTIN_WORDS = {"builtin:python-docs": "the reference topics of the Python documentation that ship with CPython"}
 # The Trainer settings worth repeating in a model card (the rest are defaults or describe one machine).
 TRAINER_KEYS = ("max_epochs", "max_steps", "precision", "gradient_clip_val", "gradient_clip_algorithm",
                 "accumulate_grad_batches", "devices", "num_nodes", "strategy", "val_check_interval",
                 "check_val_every_n_epoch", "reload_dataloaders_every_n_epochs")
-DATA_SKIP = ("cache_dir", "encode_workers", "init_from")
+DATA_SKIP = (*LOCAL_DATA_SETTINGS, "init_from")
 METRIC_COLUMNS = (("loss", "loss (nats/token)", 4), ("ppl", "perplexity", 2), ("bits_per_token", "bits/token", 4),
                   ("bpc", "bits/character", 4))
 CLASSIFIER_COLUMNS = (("accuracy", "accuracy", 4), ("f1_macro", "macro-F1", 4), ("loss", "loss (nats)", 4))
@@ -52,7 +45,7 @@ def describe_model(trained: TrainedModel, kind: str) -> str:
     direction = ("bidirectional (a forward and a backward language model" +
                  (", sharing embedding and decoder) " if c.share_directions else ") ")) if c.bidirectional else ""
     params = sum(p.numel() for p in trained.model.parameters())
-    return (f"A {KIND_WORDS.get(kind, kind)} {direction}{CELL_WORDS[c.cell]} language model: {'; '.join(parts)}; "
+    return (f"A {LEVEL_NAMES.get(kind, kind)} {direction}{CELL_NAMES[c.cell]} language model: {'; '.join(parts)}; "
             f"{_count(params)} parameters, a vocabulary of {_count(c.vocab_size)} tokens.")
 
 
@@ -146,7 +139,7 @@ def model_card(checkpoint: dict, trained: TrainedModel, load_as: str, title: str
     level = data.get("tokenizer")
     made = (f"built by rnnlm at the `{level}` level from the training split" if level == kind else
             f"`{level}`" if level else "")
-    lines.append(f"- Tokenizer: {KIND_WORDS.get(kind, kind)}, {_count(trained.config.vocab_size)} tokens"
+    lines.append(f"- Tokenizer: {LEVEL_NAMES.get(kind, kind)}, {_count(trained.config.vocab_size)} tokens"
                  + (f", {made}" if made else "") + " (`tokenizer.json`); each document ends with a separator token.")
     lines.append("")
 
@@ -232,7 +225,7 @@ def classifier_card(checkpoint: dict, trained, load_as: str, title: str | None =
     lines = [
         f"# {title or load_as.rstrip('/').split('/')[-1]}", "",
         f"A text classifier ({len(trained.labels)} classes: {labels}) on the encoder of a "
-        f"{KIND_WORDS.get(kind, kind)} {CELL_WORDS[c.cell]} language model ({c.num_layers} x "
+        f"{LEVEL_NAMES.get(kind, kind)} {CELL_NAMES[c.cell]} language model ({c.num_layers} x "
         f"{', '.join(f'{s:,}' for s in sorted(set(c.layer_sizes)))} units, {c.embedding_dim}-dimensional "
         f"embeddings, {_count(c.vocab_size)} tokens): concat pooling of the top layer (last state, max, mean; "
         f"{directions}), then a head with {hidden} (ULMFiT); {_count(params)} parameters. Texts are read up to "
@@ -251,7 +244,7 @@ def classifier_card(checkpoint: dict, trained, load_as: str, title: str | None =
             counts = ", ".join(f"{k}: {_count(n)}" for k, n in (s.get("class_counts") or {}).items())
             lines.append(f"- {split}: {_count(s['rows'])} texts" + (f", {_count(s['tokens'])} tokens" if "tokens" in s
                          else "") + (f" ({counts})" if counts else "") + ".")
-    lines += [f"- Tokenizer: {KIND_WORDS.get(kind, kind)}, {_count(trained.tokenizer.get_vocab_size())} tokens "
+    lines += [f"- Tokenizer: {LEVEL_NAMES.get(kind, kind)}, {_count(trained.tokenizer.get_vocab_size())} tokens "
               "(`tokenizer.json`).", ""]
     table = _metrics_table(extra.get("metrics") or {}, CLASSIFIER_COLUMNS)
     if table:

@@ -95,7 +95,7 @@ class TrainedClassifier:
             if np.isnan(row).any():
                 result.append(None)
                 continue
-            probabilities = {label: float(p) for label, p in zip(self.labels, row)}
+            probabilities = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
             result.append(Prediction(self.labels[int(row.argmax())], probabilities))
         return result
 

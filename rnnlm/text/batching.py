@@ -50,7 +50,7 @@ def encode_texts(encoder: Encoder, texts: Sequence[str], max_length: int) -> tup
         pieces = [np.asarray(encoder.encode_text(t), dtype=np.int64) for t in texts]
     else:
         starts = np.concatenate([[0], ends[:-1] + 1])
-        pieces = [stream[a:b] for a, b in zip(starts, ends)]
+        pieces = [stream[a:b] for a, b in zip(starts, ends, strict=True)]
     cut = sum(len(p) > max_length for p in pieces)
     return [p[:max_length] for p in pieces], cut
 

@@ -318,7 +318,7 @@ def load_corpus(
         base_key = keys["train"]
         pieces = carve_by_characters(splits["train"], [f for _, f in carve])
         splits["train"], keys["train"] = pieces[0], digest(base_key, "carved-train", carve)
-        for (s, _), piece in zip(carve, pieces[1:]):
+        for (s, _), piece in zip(carve, pieces[1:], strict=True):
             splits[s], keys[s] = piece, digest(base_key, "carved", s, carve)
 
     if not any(t.strip() for batch in Corpus(splits, keys).texts("train") for t in batch):
@@ -396,4 +396,4 @@ def carve_by_characters(ds, fractions: list[float]) -> list:
                                                     features=ds.features))
         return datasets.concatenate_datasets([p for p in parts if len(p)])
 
-    return [piece(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [piece(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -81,7 +81,7 @@ def draw_spans(
     count = int(np.searchsorted(ends, targets)) + 1  # the first chunk that reaches the end is the last
     ends = np.minimum(ends[:count], targets)
     starts = np.concatenate([[0], ends[:-1]])
-    return [(int(a), int(b - a)) for a, b in zip(starts, ends)]
+    return [(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
 class ChunkLoader:

@@ -25,7 +25,10 @@ from rnnlm.errors import UserError
 
 UNK = "<unk>"
 EOS = "<eos>"
-LEVELS = ("char", "byte", "word", "bpe", "unigram", "wordpiece")
+# The tokenizer levels, with what a model card calls them.
+LEVEL_NAMES = {"char": "character-level", "byte": "byte-level", "word": "word-level", "bpe": "byte-level BPE",
+               "unigram": "unigram subword", "wordpiece": "WordPiece subword"}
+LEVELS = tuple(LEVEL_NAMES)
 # Names under which pretrained tokenizers commonly spell their end-of-document token.
 _KNOWN_SEPARATORS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 
@@ -121,7 +124,7 @@ def count_chars(texts: Iterable[str]) -> Counter[str]:
             # A histogram over code points: linear time, where np.unique would sort every character.
             hist = np.bincount(_code_points("".join(batch)))
             cps = np.flatnonzero(hist)
-            counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), hist[cps].tolist())})
+            counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), hist[cps].tolist(), strict=True)})
             batch.clear()
 
     size = 0
@@ -321,7 +324,7 @@ class Encoder:
         sizes = [len(d) if self.path == "char-table" else len(d.encode("utf-8")) for d in docs]
         ends = np.cumsum(np.asarray(sizes) + 1)
         ids = self.encode(docs)
-        return [ids[end - 1 - size : end - 1] for size, end in zip(sizes, ends.tolist())]
+        return [ids[end - 1 - size : end - 1] for size, end in zip(sizes, ends.tolist(), strict=True)]
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of one piece of text, no separator (for prompts)."""

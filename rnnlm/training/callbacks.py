@@ -161,7 +161,7 @@ class ChunkLengthLR(L.Callback):
 
     def _restore(self, optimizer: torch.optim.Optimizer | None, *hook_args) -> None:
         if self._configured is not None and optimizer is not None:
-            for group, lr in zip(optimizer.param_groups, self._configured):
+            for group, lr in zip(optimizer.param_groups, self._configured, strict=True):
                 group["lr"] = lr
             self._configured = None
 

@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from rnnlm.data.classifier import BucketLoader, batch_tokens
 from rnnlm.errors import ConfigError, check_positive_int
 from rnnlm.files import CheckpointError
-from rnnlm.network.classifier import Classifier, scaled_dropouts
+from rnnlm.network.classifier import HEAD_DROPOUT, HEAD_HIDDEN, POOL_DROPOUT, Classifier, scaled_dropouts
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.sharing.checkpoints import CLASSIFIER as TASK
 from rnnlm.sharing.lm import load
@@ -73,9 +73,8 @@ class TextClassifier(L.LightningModule):
             checkpoint; also exported folders and Hub ids where that loader reads them).
         dropout_scale: multiplies every dropout of the encoder (fastai's ``drop_mult``; ULMFiT's classifiers use
             0.5 of the LM's dropouts on small data).
-        head_hidden: width of the head's hidden layer (ULMFiT: 50); 0 for a single linear layer.
-        pool_dropout: dropout on the pooled features (ULMFiT: 0.4).
-        head_dropout: dropout before the head's last layer (ULMFiT: 0.1).
+        head_hidden, pool_dropout, head_dropout: the head (:class:`~rnnlm.network.classifier.Classifier`; ULMFiT's
+            by default).
         gradual_unfreezing: train the head alone in the first epoch, then unfreeze layer groups from the top.
         groups_per_epoch: layer groups unfrozen per epoch after the first.
         lr_factor: discriminative learning rates: each layer group below the head learns ``lr_factor`` times slower
@@ -92,9 +91,9 @@ class TextClassifier(L.LightningModule):
         labels: list[int | str],
         init_from: str | None = None,
         dropout_scale: float = 1.0,
-        head_hidden: int = 50,
-        pool_dropout: float = 0.4,
-        head_dropout: float = 0.1,
+        head_hidden: int = HEAD_HIDDEN,
+        pool_dropout: float = POOL_DROPOUT,
+        head_dropout: float = HEAD_DROPOUT,
         gradual_unfreezing: bool = True,
         groups_per_epoch: int = 1,
         lr_factor: float = 2.6,
