@@ -112,7 +112,7 @@ def test_streams_stop_at_the_stop_token():
                              stop_token=0)
     # Same draws until each stream stops; after its stop token a stream only repeats it.
     ends = []
-    for a, b in zip(free.tolist(), stopped.tolist()):
+    for a, b in zip(free.tolist(), stopped.tolist(), strict=True):
         assert 0 in b
         end = b.index(0) + 1
         assert b[:end] == a[:end] and set(b[end:]) <= {0}
@@ -140,7 +140,7 @@ def test_samples_stop_at_the_separator():
     assert any("<eos>" in s.text for s in free)  # without stopping, the separator is written out
     stopped = lm.samples("ab", num_samples=8, max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True)
     assert any(s.stopped_at_separator for s in stopped)
-    for f, s in zip(free, stopped):
+    for f, s in zip(free, stopped, strict=True):
         assert s.prompt == "ab" and "<eos>" not in s.text
         if s.stopped_at_separator:
             assert f.text.startswith(s.text + "<eos>") and len(s.text) == s.tokens - 1
@@ -181,7 +181,7 @@ def test_generate_json_lines(checkpoint, capsys):
     lines = capsys.readouterr().out.splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == 4 and [r["index"] for r in records] == [0, 1, 2, 3]
-    for record, sample in zip(records, samples):
+    for record, sample in zip(records, samples, strict=True):
         assert record["prompt"] == "the" and record["text"] == sample.text and record["tokens"] == sample.tokens
         assert record["stopped_at_separator"] == sample.stopped_at_separator
         assert (record["seed"], record["top_p"], record["top_k"], record["temperature"]) == (7, 0.9, 20, 1.2)

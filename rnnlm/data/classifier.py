@@ -14,18 +14,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
+from rnnlm.data.reading import TextDataModule
 from rnnlm.errors import ConfigError, check_positive_int
 from rnnlm.sharing.lm import load
 from rnnlm.text.batching import Batch, batches_by_length, encode_texts, make_batch
-from rnnlm.text.sources import DataError, default_cache_dir, load_raw
+from rnnlm.text.sources import DataError, load_raw
 from rnnlm.text.tokenization import (
     LEVELS,
     Encoder,
@@ -167,80 +166,57 @@ class SortedLoader:
 
 
 # ------------------------------------------------------------------------------------------------ the module
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(TextDataModule):
     """Labelled texts from a ``datasets`` source, tokenized once, served in batches of texts of similar length.
+
+    The reading settings (``config_name``, ``revision``, the splits, ``vocab_size``, ``init_from``, ...) are those
+    of :class:`~rnnlm.data.reading.TextDataModule`; these are the classifier's own.
 
     Args:
         source: a Hub dataset name (``e9t/nsmc``), a local file or folder (csv, tsv, json/jsonl, parquet; splits
             found from file names: ``train``, ``validation``/``valid``/``dev``, ``test``), or a ``save_to_disk``
             folder.
-        config_name: the dataset's configuration on the Hub.
-        revision: the Hub revision to read (a branch, tag or commit), e.g. ``refs/convert/parquet``, the parquet copy
-            the Hub keeps of datasets whose main branch holds a loading script (which datasets >= 4 refuses).
-        text_field: the column holding the text.
         label_field: the column holding the label (integers or strings, any number of classes).
-        train_split / val_split / test_split: split names in the source (``valid``/``val``/``dev`` are found too).
         delimiter: the field separator of CSV files; default: a tab for ``.tsv`` files, a comma otherwise.
         val_fraction: share of the training rows held out at random for validation when the source has no
             validation split (0: train without validation).
         split_seed: seed of that draw.
         label_order: the classes in the order of the model's outputs; default: a ``ClassLabel`` column's names,
             else the values found in training, sorted.
-        init_from: the pretrained model whose tokenizer reads the text (the CLI sets it from ``model.init_from``).
         tokenizer: for a classifier trained from scratch: a level (``char``, ``byte``, ``word``, ``bpe``, ...) trained
             on the training texts, or a ``tokenizer.json`` path / Hub name. With ``init_from`` leave it unset: the
             pretrained model's tokenizer is used, and another one is refused.
-        vocab_size, min_frequency, max_vocab_size: for a tokenizer trained here (as in ``rnnlm.fit``).
         max_length: tokens read per text; longer texts are cut to their first ``max_length`` tokens (counted).
         batch_size: texts per training batch (per process).
-        eval_batch_size: texts per validation / test batch (default: ``2 * batch_size``).
         bucket_size: training batches drawn together and sorted by length; larger means less padding and less
             randomness in what a batch holds.
         seed: seed of the training batch order (default: the run's ``seed_everything``).
-        cache_dir: where datasets and tokenizers are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
     """
 
     def __init__(
         self,
         source: str,
-        config_name: str | None = None,
-        revision: str | None = None,
-        text_field: str = "text",
         label_field: str = "label",
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str = "test",
         delimiter: str | None = None,
+        # Drawn at random from the training rows, which a review corpus has plenty of.
         val_fraction: float = 0.1,
         split_seed: int = 0,
         label_order: list[int | str] | None = None,
-        init_from: str | None = None,
+        # Unset: the pretrained model's (init_from); a classifier from scratch names a level.
         tokenizer: str | None = None,
-        vocab_size: int | None = None,
-        min_frequency: int = 1,
-        max_vocab_size: int | None = None,
         max_length: int = 512,
+        # Texts, not streams: a batch is independent of the one before.
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         bucket_size: int = 50,
         seed: int | None = None,
-        cache_dir: str | None = None,
+        **reading,
     ) -> None:
-        super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("bucket_size", bucket_size),
-                            ("min_frequency", min_frequency)):
+        for name, value in (("max_length", max_length), ("bucket_size", bucket_size)):
             check_positive_int(f"data.{name}", value, DataError)
-        for name, value in (("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
-                            ("max_vocab_size", max_vocab_size)):
-            if value is not None:
-                check_positive_int(f"data.{name}", value, DataError)
-        if not 0.0 <= val_fraction < 1.0:
-            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}.")
         if label_order is not None and len(set(label_order)) != len(label_order):
             raise DataError(f"data.label_order lists a class twice: {label_order!r}.")
-        self.save_hyperparameters(ignore=["vocab_size"])
-        self.hparams["target_vocab_size"] = vocab_size  # the model's vocab_size is the real one (as in rnnlm.fit)
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        super().__init__(source=source, val_fraction=val_fraction, tokenizer=tokenizer, batch_size=batch_size,
+                         **reading)
         self._tokenizer: Tokenizer | None = None
         self._encoder: Encoder | None = None
         self._classes: list | None = None

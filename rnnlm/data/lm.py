@@ -7,25 +7,23 @@ process) memory-maps those files and cuts them into streams for this rank.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
+from rnnlm.data.reading import TextDataModule
 from rnnlm.errors import check_positive_int
 from rnnlm.sharing.transfer import read_pretrained_tokenizer
 from rnnlm.text.encoding import PARALLEL_MIN_CHARS, default_workers
-from rnnlm.text.sources import Corpus, DataError, default_cache_dir, load_corpus
+from rnnlm.text.sources import Corpus, DataError, load_corpus
 from rnnlm.text.streams import ChunkLoader, rank_rows
 from rnnlm.text.token_cache import TokenCache, cached_tokenizer
 from rnnlm.text.tokenization import (
     LEVELS,
     Encoder,
-    TokenizerError,
     describe_tokenizer,
     load_pretrained,
     tokenizers_parallelism,
@@ -33,92 +31,58 @@ from rnnlm.text.tokenization import (
 )
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(TextDataModule):
     """Text from a Hugging Face dataset, tokenized once, served as contiguous truncated-BPTT chunks.
+
+    The reading settings (``text_field``, the splits, ``vocab_size``, ``cache_dir``, ...) are those of
+    :class:`~rnnlm.data.reading.TextDataModule`; these are the language model's own.
 
     Args:
         source: a Hub dataset name (``Salesforce/wikitext``), a local file or folder (text, json/jsonl, csv,
             parquet; splits found from file names), a ``save_to_disk`` folder, or ``builtin:python-docs``.
-        config_name: the dataset's configuration on the Hub (``wikitext-2-raw-v1``).
-        revision: the Hub revision (branch, tag or commit) to read, e.g. ``refs/convert/parquet``, the parquet copy the
-            Hub keeps of a dataset whose main branch holds a loading script (which datasets >= 4 no longer runs).
-        text_field: the column holding the text.
-        train_split: name of the training split in the source.
-        val_split: name of the validation split (``valid``/``val``/``dev`` are found too).
-        test_split: name of the test split.
         sample_by: for text files: one document per ``line`` (WikiText/PTB), ``paragraph`` or whole ``document``.
         val_fraction: share of the training text carved off its end for validation when the source has none.
         test_fraction: likewise for the test split.
         tokenizer: ``char``, ``byte``, ``word``, ``bpe``, ``unigram``, ``wordpiece``, or a ``tokenizer.json`` path
             or Hub tokenizer name.
-        vocab_size: target vocabulary size of bpe/unigram/wordpiece; a cap for char/word (like max_vocab_size).
-        min_frequency: drop char/word/bpe/wordpiece entries seen fewer times than this in training.
-        max_vocab_size: cap for the char and word vocabularies (most frequent kept, the rest read as ``<unk>``).
         batch_size: streams per rank; each rank trains ``batch_size`` rows in parallel.
         bptt: chunk length T: backpropagation runs through T steps, the state is carried further.
-        eval_batch_size: streams per rank for validation and test (default: batch_size).
         bidirectional: also serve the backward direction's chunks (set from model.bidirectional by the CLI).
-        variable_bptt: draw the training chunk lengths around ``bptt`` anew each epoch, as AWD-LSTM does (the
-            streams stay contiguous; the model scales each step's learning rate by its length). Needs
-            ``trainer.reload_dataloaders_every_n_epochs: 1`` so the Trainer picks up each epoch's schedule.
-        variable_bptt_seed: seeds the lengths together with the epoch (default: the run's ``seed_everything``).
-        cache_dir: where tokenizers and token ids are cached (default ``$RNNLM_CACHE`` or ``~/.cache/rnnlm``).
         streaming: read the source as a stream (``datasets`` streaming mode) instead of downloading and converting
             it first: for corpora larger than the disk or memory. The ids are still written to the cache, task by
             task. The source must have its own validation and test splits (or set val/test_fraction to 0).
         encode_workers: processes that encode a split into the cache (default: one per core for splits of more
             than 32 M characters and streams, one otherwise). The ids do not depend on it.
-        init_from: a pretrained model (a ``.ckpt``, a folder written by ``rnnlm.export`` or a Hub id) whose
-            tokenizer is used instead of ``tokenizer``, so that the ids are the ones its weights were trained on
-            (fine-tuning; the CLI sets it from ``model.init_from``).
+        variable_bptt: draw the training chunk lengths around ``bptt`` anew each epoch, as AWD-LSTM does (the
+            streams stay contiguous; the model scales each step's learning rate by its length). Needs
+            ``trainer.reload_dataloaders_every_n_epochs: 1`` so the Trainer picks up each epoch's schedule.
+        variable_bptt_seed: seeds the lengths together with the epoch (default: the run's ``seed_everything``).
     """
 
     def __init__(
         self,
+        # A corpus comes with the package, so that a first run needs no download.
         source: str = "builtin:python-docs",
-        config_name: str | None = None,
-        revision: str | None = None,
-        text_field: str = "text",
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str = "test",
         sample_by: str = "document",
+        # Carved off the end of a corpus: a twentieth of it is plenty to validate on.
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         tokenizer: str = "char",
-        vocab_size: int | None = None,
-        min_frequency: int = 1,
-        max_vocab_size: int | None = None,
+        # Streams, not texts: each is a row carried on from batch to batch.
         batch_size: int = 32,
         bptt: int = 64,
-        eval_batch_size: int | None = None,
         bidirectional: bool = False,
-        cache_dir: str | None = None,
         streaming: bool = False,
         encode_workers: int | None = None,
         variable_bptt: bool = False,
         variable_bptt_seed: int | None = None,
-        init_from: str | None = None,
+        **reading,
     ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("bptt", bptt), ("min_frequency", min_frequency)):
-            _check_positive(name, value)
-        for name, value in (("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
-                            ("max_vocab_size", max_vocab_size), ("encode_workers", encode_workers)):
+        for name, value in (("bptt", bptt), ("encode_workers", encode_workers)):
             if value is not None:
-                _check_positive(name, value)
-        if tokenizer not in LEVELS and not _is_tokenizer_path(tokenizer):
-            close = difflib.get_close_matches(tokenizer, LEVELS, n=1, cutoff=0.75)
-            if close:
-                raise TokenizerError(
-                    f"Unknown tokenizer {tokenizer!r}: did you mean {close[0]!r}? Choose one of {', '.join(LEVELS)}, "
-                    "or give a tokenizer.json path or Hub tokenizer name."
-                )
-        # Saved as target_vocab_size: Lightning merges module and data hparams, and the model's vocab_size is
-        # the real size, which may differ from the requested one.
-        self.save_hyperparameters(ignore=["vocab_size"])
-        self.hparams["target_vocab_size"] = vocab_size
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+                check_positive_int(f"data.{name}", value, DataError)
+        super().__init__(source=source, val_fraction=val_fraction, tokenizer=tokenizer, batch_size=batch_size,
+                         **reading)
         self.token_cache = TokenCache(self.cache_dir)
         self._corpus: Corpus | None = None
         self._tokenizer: Tokenizer | None = None
@@ -365,10 +329,4 @@ class LMDataModule(L.LightningDataModule):
         return self.loader("test") if "test" in self.corpus.splits else []
 
 
-def _check_positive(name: str, value) -> None:
-    check_positive_int(f"data.{name}", value, DataError)
-
-
-def _is_tokenizer_path(spec: str) -> bool:
-    return "/" in spec or spec.endswith(".json") or os.path.exists(spec)
 
