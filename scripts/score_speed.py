@@ -60,7 +60,7 @@ def main() -> None:
 
     trained = load(args.checkpoint)
     with open(args.text, encoding="utf-8") as f:
-        lines = [line.removesuffix("\n") for _, line in zip(range(args.lines), f)]
+        lines = [line.removesuffix("\n") for _, line in zip(range(args.lines), f, strict=False)]
     path = os.path.join(args.work_dir, f"score_speed_{os.getpid()}.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

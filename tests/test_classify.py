@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, make_text, tiny_data, tiny_model, tiny_trainer
+from conftest import CONFIG_DIR, tiny_trainer
 
 import rnnlm
 from rnnlm.data.classifier import BucketLoader, ClassificationDataModule
@@ -72,18 +72,10 @@ def small_encoder(cell="lstm", **kwargs) -> Classifier:
     return Classifier(RNNLMConfig(**{**config, **kwargs}), 3).eval()
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """A tiny character-level LM trained a few steps on English-like text, saved as an rnnlm checkpoint."""
-    root = tmp_path_factory.mktemp("lm")
-    (root / "train.txt").write_text(make_text(300, seed=5))
-    data = tiny_data(root / "train.txt", root)
-    model = tiny_model(data.vocab_size)
-    trainer = tiny_trainer(root, max_steps=3, limit_val_batches=1)
-    trainer.fit(model, datamodule=data)
-    path = root / "lm.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def pretrained(tiny_lm_checkpoint) -> Path:
+    """The language model the classifiers here start from: conftest's tiny trained LM."""
+    return tiny_lm_checkpoint
 
 
 # ----------------------------------------------------------------------------------------- padding and pooling
@@ -184,7 +176,7 @@ def test_gradual_unfreezing_and_discriminative_rates_through_training(tmp_path):
     optimizer = trainer.optimizers[0]
     assert [g["name"] for g in optimizer.param_groups] == ["embedding", "layer1", "layer2", "head"]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 8, 0.01 / 4, 0.01 / 2, 0.01])
-    for group, members in zip(optimizer.param_groups, groups):
+    for group, members in zip(optimizer.param_groups, groups, strict=True):
         assert {names[id(p)] for p in group["params"]} == members
 
 
@@ -279,7 +271,7 @@ def test_string_labels_survive_a_checkpoint_and_predict(tmp_path):
     with torch.no_grad():
         batch = make_batch(clf.tokenize(texts[:2]), clf.encoder.separator)
         expected = torch.softmax(model(batch.ids, batch.lengths).double(), -1)
-    for prediction, probs in zip(predictions, expected):
+    for prediction, probs in zip(predictions[:2], expected, strict=True):
         assert list(prediction.probabilities) == ["meh", "neg", "pos"]
         assert list(prediction.probabilities.values()) == pytest.approx(probs.tolist())
         assert prediction.label == clf.labels[int(probs.argmax())]
@@ -572,10 +564,42 @@ def test_a_run_resumed_mid_epoch_sees_the_batches_it_had_left(tmp_path):
     whole = Seen(save_at=13)  # 10 batches per epoch: saved 3 batches into epoch 1
     run(whole)
     rest = Seen()
-    resumed = run(rest, ckpt_path=str(tmp_path / "mid.ckpt"))
+    run(rest, ckpt_path=str(tmp_path / "mid.ckpt"))
     assert whole.batches[:13] + rest.batches == whole.batches
     assert whole.batches[0][1] != whole.batches[10][1]  # epoch 1 has another order than epoch 0
-    assert resumed.lightning_module.train_seconds() > 0
+
+
+def test_training_seconds_are_the_clock_s_over_a_resume(tmp_path, monkeypatch):
+    """train_seconds reads the clock from the start of training, is saved in the checkpoint and, resumed, goes on
+    from there; the time between the two runs does not count. Each batch takes 2 s of a fake clock."""
+    import types
+
+    import lightning as L
+
+    import rnnlm.training.classifier
+
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(rnnlm.training.classifier, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Tick(L.Callback):
+        def __init__(self, save_at: int | None = None):
+            self.save_at = save_at
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.now += 2.0
+            if trainer.global_step == self.save_at:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(160)), tmp_path, val_fraction=0.0)
+    first = tiny_trainer(tmp_path, max_steps=5, callbacks=[Tick(save_at=3)], limit_val_batches=0)
+    first.fit(classifier(data), datamodule=data)
+    assert first.lightning_module.train_seconds() == 10.0
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["rnnlm"]["train_seconds"]
+    assert saved == 6.0
+    clock.now += 1000.0  # between the runs
+    resumed = tiny_trainer(tmp_path, max_steps=5, callbacks=[Tick()], limit_val_batches=0)
+    resumed.fit(classifier(data), datamodule=data, ckpt_path=str(tmp_path / "mid.ckpt"), weights_only=True)
+    assert resumed.lightning_module.train_seconds() == 6.0 + 2 * 2.0
 
 
 def test_accuracy_against_training_time(tmp_path):

@@ -106,7 +106,7 @@ def test_two_ranks_split_the_rows_of_one_process_with_twice_the_streams(n, b, t)
     # Same number of chunks on every rank (DDP needs it); together they are the single-process chunks.
     l0, l1, single = ChunkLoader(rank0, t), ChunkLoader(rank1, t), ChunkLoader(both, t)
     assert len(l0) == len(l1) == len(single)
-    for (x0, y0), (x1, y1), (x, y) in zip(l0, l1, single):
+    for (x0, y0), (x1, y1), (x, y) in zip(l0, l1, single, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x)
         assert torch.equal(torch.cat([y0, y1]), y)
     assert l0.tokens_per_epoch + l1.tokens_per_epoch == single.tokens_per_epoch

@@ -44,6 +44,7 @@ def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
+# Not conftest's tiny_lm_checkpoint: these tests damage and resume the CLI's own checkpoint folder, per test.
 @pytest.fixture
 def trained(corpus_dir, tmp_path) -> Path:
     """A real checkpoint folder written by the CLI."""

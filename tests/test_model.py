@@ -87,7 +87,7 @@ def test_carried_state_equals_one_long_pass(cell, num_layers):
         outs.append(out.logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     if cell == "lstm":
-        for a, b in zip(state, full_state):
+        for a, b in zip(state, full_state, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(state, full_state, rtol=1e-5, atol=1e-5)

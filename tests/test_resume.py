@@ -148,7 +148,7 @@ def test_chunk_loader_resumes_at_its_position():
     fresh.load_state_dict(state)
     assert len(fresh) == len(loader) == 10  # Lightning counts the whole epoch
     rest = [x for x, _ in fresh]
-    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, chunks[6:]))
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, chunks[6:], strict=True))
     assert len([x for x, _ in fresh]) == 10, "the next epoch starts at chunk 0 again"
 
     for boundary in (0, 10):  # checkpoints written at an epoch boundary start the next epoch afresh

@@ -110,7 +110,8 @@ def test_every_model_kind_exports_with_bit_identical_logits(kind, tmp_path):
             a = from_ckpt.model(ids, direction=direction)
             b = from_folder.model(ids, direction=direction)
             assert torch.equal(a.logits, b.logits), direction
-            for x, y in zip(torch.utils._pytree.tree_leaves(a.state), torch.utils._pytree.tree_leaves(b.state)):
+            leaves = torch.utils._pytree.tree_leaves
+            for x, y in zip(leaves(a.state), leaves(b.state), strict=True):
                 assert torch.equal(x, y)
     # Shared tensors are stored once and stay shared after loading.
     if from_ckpt.config.tie_weights:
@@ -392,7 +393,7 @@ def test_transfer_converts_between_a_fused_and_a_layer_by_layer_stack():
             assert torch.equal(source(ids, direction=direction).logits, target(ids, direction=direction).logits)
     back = RNNLM(_config(20, bidirectional=True)).eval()
     transfer(target, back)
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), source.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), source.state_dict().values(), strict=True))
 
 
 def test_transfer_refuses_another_architecture_by_name():
