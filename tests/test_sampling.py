@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import generate
 from rnnlm.network.config import RNNLMConfig
@@ -158,20 +157,9 @@ def test_sampling_settings_are_checked():
             model.generate(prompt, max_new_tokens=3, **{"temperature": 1.0, **bad})
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny char-level model after a few steps of real training."""
-    root = tmp_path_factory.mktemp("sampling")
-    (root / "train.txt").write_text(make_text(200, seed=1))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
-        data = tiny_data(root / "train.txt", root, sample_by="line")
-        model = tiny_model(data.vocab_size)
-        trainer = tiny_trainer(root, max_steps=3, limit_val_batches=0)
-        trainer.fit(model, datamodule=data)
-        path = root / "model.ckpt"
-        trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def checkpoint(tiny_lm_checkpoint):
+    return tiny_lm_checkpoint
 
 
 def test_generate_json_lines(checkpoint, capsys):
