@@ -21,133 +21,52 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from rnnlm.commands import add_device_option, read_lines, resolve_device
+from rnnlm.data.classifier import ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError, run_main
+from rnnlm.sharing.classifier import load
+from rnnlm.text.batching import batches_by_length
+from rnnlm.text.tokenization import batched
+from rnnlm.training.classifier import TextClassifier
+from rnnlm.training.cli import ClassifierCLI
+from rnnlm.training.cli import train as run_cli
 
 COMMANDS = ("predict", "evaluate")  # without one of these words: training
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden.*")
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from rnnlm.checkpointing import ResumableCheckpoints
-    from rnnlm.fit import RNNLMCLI
-
-    class ClassifierCLI(RNNLMCLI):
-        """``rnnlm.fit``'s CLI (W&B run naming, safe checkpoint IO, refused old settings) with the classifier's
-        links and checkpoint defaults."""
-
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            # The pretrained model is named once, on the model; the data module reads its tokenizer.
-            parser.link_arguments("model.init_from", "data.init_from")
-            parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
-            parser.link_arguments("data.classes", "model.labels", apply_on="instantiate")
-            parser.add_argument("--ckpt_path", type=str | None, default=None,
-                                help="Checkpoint to resume from (a path, or 'last').")
-            parser.add_argument("--test_after_fit", type=bool, default=True,
-                                help="Evaluate the best checkpoint on the test split (if any) after training.")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({
-                "checkpoint.monitor": "val/accuracy",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch{epoch}-step{step}-val_accuracy{val/accuracy:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-            })  # fmt: skip
-            parser.add_lightning_class_args(ResumableCheckpoints, "resumable")
-
-        def use_pretrained(self, config) -> None:
-            """The classifier reads its language model itself (``TextClassifier(init_from=...)``): its encoder, not
-            a whole LM with its architecture checks."""
-
-    return ClassifierCLI
-
-
 def train(args: list[str] | None = None):
     """``python -m rnnlm.classify --config ...``: train a classifier; returns the CLI object."""
-    from rnnlm.classification import TextClassifier
-    from rnnlm.classification_data import ClassificationDataModule
-    from rnnlm.cpu import flush_denormals, keep_freed_memory
-    from rnnlm.fit import current_wandb_run, run_training
-    from rnnlm.tokenization import default_tokenizers_parallelism
-    from rnnlm.tracking import choose_wandb_mode
 
-    default_tokenizers_parallelism()
-    keep_freed_memory()
-    flush_denormals()
-    wandb_mode = choose_wandb_mode()
-    existing_run = current_wandb_run()  # started by the caller: theirs to finish
-    cli = _cli_class()(
-        TextClassifier,
-        ClassificationDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
-        auto_configure_optimizers=False,  # the model builds its own: one parameter group per layer group
-    )
-    run_training(cli, cli.datamodule.splits, "rnnlm.classify", args, wandb_mode, existing_run)
-    return cli
+    # auto_configure_optimizers=False: the model builds its own optimizer, one parameter group per layer group.
+    return run_cli(ClassifierCLI, TextClassifier, ClassificationDataModule, "rnnlm.classify", __doc__, args,
+                   auto_configure_optimizers=False)
 
 
 # ------------------------------------------------------------------------------------------------ use
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _read_lines(path: str) -> Iterator[str]:
-    if path == "-":
-        for line in sys.stdin:
-            yield line.rstrip("\n").rstrip("\r")
-        return
-    if not Path(path).is_file():
-        raise UserError(f"The input file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n").rstrip("\r")
-
-
-def _blocks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
-    block: list[str] = []
-    for line in lines:
-        block.append(line)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
 def predict(checkpoint: str, input: str, output: str | None = None, batch_size: int = 64,
             device: str = "auto") -> int:
     """Write a JSON line per input line (see the module docstring); returns the number of lines."""
-    from rnnlm.classifier import load
 
-    clf = load(checkpoint, map_location=_device(device))
+    clf = load(checkpoint, map_location=resolve_device(device))
+    texts = read_lines(input)  # a missing input is refused here, before --output is written
     keys = [str(label) for label in clf.labels]
     out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 - stdout is not closed
     count = empty = 0
     try:
-        for block in _blocks(_read_lines(input), 4096):
+        for block in batched(texts, 4096):
             for row in clf.probabilities(block, batch_size):
                 if np.isnan(row).any():
                     record = {"label": None, "probabilities": None}
                     empty += 1
                 else:
                     record = {"label": clf.labels[int(row.argmax())],
-                              "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row)}}
+                              "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row, strict=True)}}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
     finally:
@@ -169,10 +88,8 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
         multiclass_f1_score,
     )
 
-    from rnnlm.classification_data import ClassificationDataModule
-    from rnnlm.classifier import batches_by_length, load
 
-    clf = load(checkpoint, map_location=_device(device))
+    clf = load(checkpoint, map_location=resolve_device(device))
     settings = dict(clf.data)
     if source is None and "source" not in settings:
         raise UserError(f"{checkpoint!r} does not say which data it was trained on (it was not trained with "
@@ -221,17 +138,18 @@ def _print_evaluation(result: dict) -> None:
     width = max(8, *(len(n) + 1 for n in names))
     print("  confusion matrix (rows: true, columns: predicted)")
     print("  " + " " * width + "".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, result["confusion_matrix"]):
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
         print("  " + f"{name:>{width}}" + "".join(f"{c:>{width},}" for c in row))
     print(json.dumps(result, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def _parser(command: str) -> argparse.ArgumentParser:
+def parser(command: str) -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.classify predict`` or ``... evaluate``."""
     parser = argparse.ArgumentParser(prog=f"python -m rnnlm.classify {command}")
     parser.add_argument("--checkpoint", required=True, help="A classifier checkpoint written by rnnlm.classify.")
     parser.add_argument("--batch_size", type=int, default=64 if command == "predict" else 128)
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    add_device_option(parser)
     if command == "predict":
         parser.add_argument("--input", required=True, help="A text file, one text per line ('-': stdin).")
         parser.add_argument("--output", default=None, help="Where the JSON lines go (default: stdout).")
@@ -250,7 +168,7 @@ def main(args: list[str] | None = None):
     if not argv or argv[0] not in COMMANDS:
         return train(args)  # None from the command line: LightningCLI reads sys.argv itself
     command, argv = argv[0], argv[1:]
-    options = vars(_parser(command).parse_args(argv))
+    options = vars(parser(command).parse_args(argv))
     if options["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be a positive integer, got {options['batch_size']}.")
     if command == "predict":

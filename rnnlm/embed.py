@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +40,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnnlm.classifier import batches_by_length, concat_pool, encode_texts, reverse_texts, text_mask
+from rnnlm.commands import add_device_option, read_lines, resolve_device
 from rnnlm.errors import ConfigError, UserError, run_main
-from rnnlm.model import RNNLM
-from rnnlm.tokenization import Encoder
+from rnnlm.files import load_safely
+from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
+from rnnlm.network.lm import RNNLM
+from rnnlm.sharing.checkpoints import is_classifier_checkpoint
+from rnnlm.sharing.classifier import from_checkpoint
+from rnnlm.sharing.lm import load
+from rnnlm.text.batching import batches_by_length, encode_texts
+from rnnlm.text.tokenization import Encoder, batched
 
 POOLINGS = ("none", "mean", "max", "last", "concat")
 LAYERS = ("top", "all", "mean")
@@ -64,15 +69,12 @@ class FeatureModel:
 
 def load_encoder(path: str, map_location: str | torch.device = "cpu", max_length: int | None = None) -> FeatureModel:
     """The encoder of a classifier checkpoint, or of anything :func:`rnnlm.load` reads."""
-    from rnnlm.classifier import from_checkpoint, is_classifier_checkpoint
-    from rnnlm.files import load_safely
 
     if os.path.isfile(path):
         checkpoint = load_safely(path, map_location)
         if is_classifier_checkpoint(checkpoint):
             clf = from_checkpoint(checkpoint, path, map_location)
             return FeatureModel(clf.model.encoder.eval(), clf.encoder, max_length or clf.max_length, "classifier")
-    from rnnlm.inference import load
 
     lm = load(path, map_location)
     return FeatureModel(lm.model.eval(), lm.encoder, max_length or 1 << 20, "language model")
@@ -134,7 +136,7 @@ class FeatureWriter:
             if self.pooling != "none":
                 layer_states = [self._pool(s, lengths) for s in layer_states]
             per_direction.append(layer_states)
-        layers = [torch.cat(parts, dim=-1) for parts in zip(*per_direction)]
+        layers = [torch.cat(parts, dim=-1) for parts in zip(*per_direction, strict=True)]
         if self.layers != "all":
             return layers[0].float()
         return torch.stack(layers, dim=-2).float()  # [..., layers, dim]
@@ -229,7 +231,7 @@ class _ArraysSink(_Sink):
         self.ids: list[np.ndarray] = []
 
     def write(self, tokens, features, decode) -> None:
-        for ids, f in zip(tokens, features):
+        for ids, f in zip(tokens, features, strict=True):
             if self.writer.pooling == "none":
                 self.features.append(f if f is not None else np.zeros((0, *self.writer.shape), np.float32))
                 self.ids.append(ids)
@@ -256,16 +258,6 @@ class _ArraysSink(_Sink):
             np.savez(self.path, **arrays, rnnlm=np.array(json.dumps(self.metadata)))
 
 
-def _lines(path: str) -> Iterator[str]:
-    if path == "-":
-        yield from (line.rstrip("\n").rstrip("\r") for line in sys.stdin)
-        return
-    if not os.path.isfile(path):
-        raise UserError(f"The input file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        yield from (line.rstrip("\n").rstrip("\r") for line in f)
-
-
 def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: str = "top", batch_size: int = 64,
           max_length: int | None = None, device: str = "auto") -> dict:
     """Write the features of every line of ``input`` to ``out`` (see the module docstring); returns a summary."""
@@ -274,16 +266,15 @@ def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: 
         raise ConfigError(f"--out must end in one of {', '.join(FORMATS)} (the format), got {out!r}.")
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise ConfigError("--batch_size and --max_length must be positive integers.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_encoder(checkpoint, device, max_length)
+    model = load_encoder(checkpoint, resolve_device(device), max_length)
     writer = FeatureWriter(model, pooling, layers)
     metadata = {"checkpoint": checkpoint, "model": model.kind, "pooling": pooling, "layers": layers,
                 "bidirectional": model.encoder.config.bidirectional, "shape": list(writer.shape),
                 "max_length": model.max_length}
     if out_path.suffix == ".npy" and input == "-":
         raise ConfigError(".npy output needs the number of lines first: give --input a file, or write .npz.")
-    count = sum(1 for _ in _lines(input)) if out_path.suffix == ".npy" else 0  # also checks that the input exists
+    count = sum(1 for _ in read_lines(input)) if out_path.suffix == ".npy" else 0
+    texts = read_lines(input)  # a missing input is refused here, before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".parquet":
         sink: _Sink = _ParquetSink(out_path, writer, metadata)
@@ -293,14 +284,8 @@ def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: 
         sink = _ArraysSink(out_path, writer, metadata)
     decode = model.tokenizer_encoder.decode
     lines = empty = tokens_total = 0
-    block: list[str] = []
     try:
-        for line in _lines(input):
-            block.append(line)
-            if len(block) == BLOCK:
-                lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total)
-                block = []
-        if block:
+        for block in batched(texts, BLOCK):
             lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total)
     finally:
         sink.close()
@@ -318,7 +303,8 @@ def _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total):
             tokens_total + sum(len(t) for t in tokens))
 
 
-def main(args: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.embed``."""
     parser = argparse.ArgumentParser(prog="python -m rnnlm.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -331,8 +317,12 @@ def main(args: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None,
                         help="Tokens read per line (default: a classifier's own; no limit for an LM).")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    return embed(**vars(parser.parse_args(args)))
+    add_device_option(parser)
+    return parser
+
+
+def main(args: list[str] | None = None) -> dict:
+    return embed(**vars(parser().parse_args(args)))
 
 
 def cli() -> None:

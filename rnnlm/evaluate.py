@@ -4,7 +4,7 @@ Prints loss (nats/token), perplexity, bits per token, per character and per byte
 JSON object on the last line. The hidden state is carried across chunks, so the result barely depends on
 ``--bptt``; ``--batch_size`` sets how many streams the split is cut into.
 
-``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/pointer.py``) with
+``--pointer_window N`` adds the continuous pointer of Grave et al. (2017) (see ``rnnlm/network/pointer.py``) with
 ``--pointer_theta`` and ``--pointer_lambda``, and reports perplexity with and without it from the same pass.
 """
 
@@ -16,15 +16,16 @@ import json
 import torch
 import torch.nn.functional as F
 
+from rnnlm.commands import add_device_option, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.inference import load
-from rnnlm.lm import LN2, loss_metrics
-from rnnlm.model import DIRECTIONS, RNNLM
-from rnnlm.pointer import ContinuousPointer
-from rnnlm.sources import DataError
-from rnnlm.streams import ChunkLoader
+from rnnlm.network.lm import DIRECTIONS, RNNLM
+from rnnlm.network.pointer import ContinuousPointer
+from rnnlm.sharing.lm import load
+from rnnlm.text.sources import DataError
+from rnnlm.text.streams import ChunkLoader
+from rnnlm.training.lm import LN2, loss_metrics
 
 # AWD-LSTM's pointer settings for WikiText-2 (its README): theta 0.662, lambda 0.1279 (window 3785).
 DEFAULT_THETA = 0.662
@@ -80,17 +81,20 @@ def evaluate(
     config_name: str | None = None,
     batch_size: int | None = None,
     bptt: int | None = None,
-    accelerator: str = "auto",
+    device: str | torch.device = "auto",
     pointer_window: int | None = None,
     pointer_theta: float = DEFAULT_THETA,
     pointer_lambda: float = DEFAULT_LAMBDA,
+    *,
+    accelerator: str | None = None,
 ) -> dict:
     """Loss, perplexity and bits per character of ``checkpoint`` on ``split`` (of its own data or ``source``).
 
     With ``pointer_window`` the forward model is also evaluated with the continuous pointer (``pointer_*`` keys).
+    ``device`` is what ``--device`` takes (see :func:`rnnlm.commands.resolve_device`); ``accelerator`` is its old
+    name, still accepted.
     """
-    use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = resolve_device(device if accelerator is None else accelerator)
     pointer = None
     if pointer_window is not None:
         pointer = ContinuousPointer(pointer_window, pointer_theta, pointer_lambda)
@@ -128,7 +132,8 @@ def evaluate(
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.evaluate``."""
     p = argparse.ArgumentParser(prog="python -m rnnlm.evaluate", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config_name", default=None, help="config of a Hub dataset given with --source")
     p.add_argument("--batch_size", type=int, default=None, help="number of streams (default: as in training)")
     p.add_argument("--bptt", type=int, default=None, help="chunk length (default: as in training)")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    add_device_option(p, "--accelerator")  # --accelerator: the old name (auto, cpu, cuda or gpu still work)
     p.add_argument("--pointer_window", type=int, default=None,
                    help="add a continuous pointer over the last N tokens of each stream (Grave et al. 2017)")
     p.add_argument("--pointer_theta", type=float, default=DEFAULT_THETA,
@@ -146,6 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"the pointer's share of the mixed distribution (default {DEFAULT_LAMBDA})")
     for old in ("window", "theta", "lambda"):
         p.add_argument(f"--cache_{old}", dest=f"renamed_cache_{old}", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     for old in ("window", "theta", "lambda"):
         if getattr(args, f"renamed_cache_{old}") is not None:
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()
     flush_denormals()
     result = evaluate(args.checkpoint, args.split, args.source, args.config_name, args.batch_size, args.bptt,
-                      args.accelerator, args.pointer_window, args.pointer_theta, args.pointer_lambda)
+                      args.device, args.pointer_window, args.pointer_theta, args.pointer_lambda)
     print(
         f"{result['split']} of {result['source']}: {result['tokens']:,} tokens\n"
         f"  loss            {result['loss']:.4f} nats/token\n"

@@ -15,13 +15,13 @@ import argparse
 import json
 import secrets
 
-import torch
-
+from rnnlm.commands import add_device_option, resolve_device
 from rnnlm.errors import run_main
-from rnnlm.inference import Sample, load
+from rnnlm.sharing.lm import Sample, load
 
 
-def main(argv: list[str] | None = None) -> list[Sample]:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.generate``."""
     p = argparse.ArgumentParser(prog="python -m rnnlm.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> list[Sample]:
                    help="end each text at the document separator (<eos>) instead of after --max_new_tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per text (prompt, text, tokens, seed, ...)")
     p.add_argument("--seed", type=int, default=None, help="makes the output reproducible (default: drawn)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Sample]:
+    p = parser()
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
         p.error("--max_new_tokens must be >= 0")
@@ -51,9 +56,9 @@ def main(argv: list[str] | None = None) -> list[Sample]:
         p.error("--num_samples must be a positive integer")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
 
-    texts = load(args.checkpoint, map_location=args.device).samples(
-        args.prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed,
-        args.stop_at_separator,
+    texts = load(args.checkpoint, map_location=resolve_device(args.device)).samples(
+        args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=seed, stop_at_separator=args.stop_at_separator,
     )
     for i, sample in enumerate(texts):
         if args.json:

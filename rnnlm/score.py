@@ -26,7 +26,6 @@ its language models and reports their mean, as ``rnnlm.evaluate`` does, with ``f
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -40,11 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rnnlm.commands import add_device_option, close_input, open_input, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError, run_main
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import DIRECTIONS, RNNLM, map_state, state_batch_size
-from rnnlm.sources import DataError
+from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.sources import DataError
 
 PER = ("line", "paragraph", "document")
 ENDS = ("separator", "newline", "none")
@@ -183,7 +183,7 @@ def scores(
     finally:
         model.train(was_training)
     results = []
-    for i, (text, seq) in enumerate(zip(texts, sequences)):
+    for i, (text, seq) in enumerate(zip(texts, sequences, strict=True)):
         tokens, characters = len(seq) + extra, len(text) + extra
         logprob = sum(per_direction[d][i] for d in directions) / len(directions)
         result = {
@@ -256,19 +256,6 @@ def _windows(items: Iterator[Item]) -> Iterator[list[Item]]:
         yield window
 
 
-def _open_input(spec: str) -> tuple[io.TextIOBase, str]:
-    """The input as text (UTF-8, universal newlines, as ``datasets`` reads text files) and its name."""
-    if spec == "-":
-        buffer = getattr(sys.stdin, "buffer", None)
-        stream = io.TextIOWrapper(buffer, encoding="utf-8") if buffer is not None else sys.stdin
-        return stream, "standard input"
-    if not os.path.exists(spec):
-        raise DataError(f"Input file {spec!r} does not exist; give a text file, or - to read standard input.")
-    if os.path.isdir(spec):
-        raise DataError(f"--input {spec!r} is a folder; give a text file, or - to read standard input.")
-    return open(spec, encoding="utf-8"), repr(spec)  # noqa: SIM115 - closed by the caller
-
-
 def _count_lines(path: str) -> int:
     count, last = 0, b"\n"
     with open(path, "rb") as f:
@@ -297,7 +284,7 @@ def write_scores(
     totals = dict.fromkeys(keys, 0)
     for window in _windows(iter(items)):
         results = scores(trained, [item.text for item in window], batch_size, directions, end)
-        for item, result in zip(window, results):
+        for item, result in zip(window, results, strict=True):
             record = {"index": item.index, "line": item.line, **result}
             if include_text:
                 record["text"] = item.text
@@ -311,7 +298,8 @@ def write_scores(
     return totals
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m rnnlm.score``."""
     p = argparse.ArgumentParser(prog="python -m rnnlm.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the model: anything rnnlm.load reads (a .ckpt file "
@@ -327,17 +315,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--direction", default=None, choices=[*DIRECTIONS, "both"],
                    help="which language model of a bidirectional model scores (default: both, and their mean)")
     p.add_argument("--include_text", action="store_true", help="add each item's text to its JSON object")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error("--batch_size must be a positive integer")
     keep_freed_memory()
     flush_denormals()
 
-    stream, name = _open_input(args.input)
+    device = resolve_device(args.device)
+    stream, name = open_input(args.input, DataError)
     show_progress = sys.stderr.isatty()
     try:
-        trained = load(args.checkpoint, map_location=args.device)
+        trained = load(args.checkpoint, map_location=device)
         if args.direction is None:
             directions = default_directions(trained)
         else:
@@ -354,8 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"{name} is not UTF-8 text ({err}). Convert it first, e.g. with iconv -f LATIN1 -t UTF-8 "
                         "(the items before the undecodable byte were written).") from None
     finally:
-        if stream is not sys.stdin:
-            stream.close()
+        close_input(stream)
     if totals["items"] == 0:
         what = "paragraph (blank lines make none)" if args.per == "paragraph" else args.per
         raise DataError(f"{name} is empty: there is nothing to score. Give text with one item per {what}.")

@@ -42,7 +42,7 @@ OPTIONS = {
     "weight_decay": ["--optimizer.init_args.weight_decay", "1.2e-6"],
     "variable_bptt": ["--data.variable_bptt", "true", "--trainer.reload_dataloaders_every_n_epochs", "1"],
     # NT-ASGD replaces the lr / 4 schedule, as in the paper (constant learning rate, then averaging).
-    "nt_asgd": ["--lr_scheduler", "null", "--trainer.callbacks+=rnnlm.averaging.NTASGD"],
+    "nt_asgd": ["--lr_scheduler", "null", "--trainer.callbacks+=rnnlm.training.averaging.NTASGD"],
 }
 ALL = [arg for name, args in OPTIONS.items() if name != "baseline" for arg in args]
 OPTIONS["all"] = ALL

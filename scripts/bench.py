@@ -71,9 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.config import RNNLMConfig
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.tokenization import default_tokenizers_parallelism
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.text.tokenization import default_tokenizers_parallelism
 
 
 # --------------------------------------------------------------------------------------------- the hand-written side
@@ -120,7 +120,7 @@ class HandWrittenLM(nn.Module):
         if c.per_layer:
             self.rnn = nn.Module()
             inputs = [c.embedding_dim, *sizes[:-1]]
-            self.rnn.layers = nn.ModuleList(_recurrent(c.cell, i, h) for i, h in zip(inputs, sizes))
+            self.rnn.layers = nn.ModuleList(_recurrent(c.cell, i, h) for i, h in zip(inputs, sizes, strict=True))
         else:
             self.rnn = _recurrent(c.cell, c.embedding_dim, sizes[-1], c.num_layers,
                                   c.dropout_between if c.num_layers > 1 else 0.0)
@@ -429,11 +429,12 @@ def hand_written_run(
 
 # --------------------------------------------------------------------------------------------- the rnnlm side
 def build_cli(rnnlm_args: list[str], extra: list[str]):
-    from rnnlm.data import LMDataModule
-    from rnnlm.fit import RNNLMCLI
-    from rnnlm.lm import LanguageModel
+    from rnnlm.data.lm import LMDataModule
+    from rnnlm.training.cli import LanguageModelCLI
+    from rnnlm.training.lm import LanguageModel
 
-    return RNNLMCLI(LanguageModel, LMDataModule, run=False, args=[*rnnlm_args, *extra], save_config_callback=None)
+    return LanguageModelCLI(LanguageModel, LMDataModule, run=False, args=[*rnnlm_args, *extra],
+                            save_config_callback=None)
 
 
 def _quiet_run_flags(root: str, progress_bar: bool) -> list[str]:
@@ -542,7 +543,7 @@ def _summary(kind: str, rates: dict[str, list[tuple[float, float]]]) -> dict:
     result: dict = {"mode": kind, "blocks": len(rates["hand"]), "loadavg_end": list(os.getloadavg())}
     for i, clock_name in enumerate(("wall", "cpu")):
         a, b = [r[i] for r in rates["rnnlm"]], [r[i] for r in rates["hand"]]
-        ratios = [x / y for x, y in zip(a, b)]
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
         result[clock_name] = {
             "rnnlm_tokens_per_s": statistics.median(a),
             "hand_tokens_per_s": statistics.median(b),
@@ -737,7 +738,7 @@ def profile(rnnlm_args: list[str], warmup: int, steps: int) -> dict:
             opt.step()
             t5 = time.perf_counter()
             if i >= warmup:
-                for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
+                for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0), strict=True):
                     phases[k].append(v)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(5):

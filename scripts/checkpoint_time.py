@@ -23,9 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rnnlm.checkpointing import ResumableCheckpoints, SafeCheckpointIO
-from rnnlm.config import RNNLMConfig
-from rnnlm.lm import LanguageModel
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.training.checkpointing import ResumableCheckpoints, SafeCheckpointIO
+from rnnlm.training.lm import LanguageModel
 
 SIZES = {
     "quickstart": dict(vocab_size=100, num_layers=2, embedding_dim=64, hidden_size=256),

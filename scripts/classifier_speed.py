@@ -7,7 +7,7 @@ Times full training steps (forward, loss, backward, AdamW step; every parameter 
 
 - ``lm``: the language model (``LanguageModel.training_step``: contiguous ``[B, bptt]`` chunks, carried state);
 - ``masks, bucketed``: the classifier as ``rnnlm.classify`` trains it (``TextClassifier``'s forward): batches of
-  texts of similar length from :class:`~rnnlm.classification_data.BucketLoader`, right padding, masked pooling;
+  texts of similar length from :class:`~rnnlm.data.classifier.BucketLoader`, right padding, masked pooling;
 - ``masks, random batches``: the same with batches drawn at random (``bucket_size=1``): the padding that bucketing
   saves;
 - ``packed, bucketed`` / ``packed, random batches``: the classifier's encoder run on ``pack_padded_sequence``
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnlm.classification import TextClassifier
-from rnnlm.classification_data import BucketLoader
-from rnnlm.classifier import concat_pool
-from rnnlm.config import RNNLMConfig
-from rnnlm.lm import LanguageModel
+from rnnlm.data.classifier import BucketLoader
+from rnnlm.network.classifier import concat_pool
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.training.classifier import TextClassifier
+from rnnlm.training.lm import LanguageModel
 
 
 def text_lengths(path: str | None, n: int, max_length: int, seed: int) -> np.ndarray:

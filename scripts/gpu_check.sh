@@ -130,7 +130,7 @@ import torch
 sys.path.insert(0, "scripts")
 import bench  # noqa: E402
 
-from rnnlm.head import auto_block_rows  # noqa: E402
+from rnnlm.network.head import auto_block_rows  # noqa: E402
 
 data, dry, out, fused_rows = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
 device = "cpu" if dry else "gpu"

@@ -1,4 +1,4 @@
-"""The output layer alone: the fused head (rnnlm.head.linear_cross_entropy) against F.linear + F.cross_entropy.
+"""The output layer alone: the fused head (rnnlm.network.head.linear_cross_entropy) against F.linear + F.cross_entropy.
 
     python scripts/head_speed.py                       # vocabulary sweep at the default block size, then blocks
     python scripts/head_speed.py --vocab 33278 --rows 700 --dim 200 --blocks 64 128 252 512
@@ -7,8 +7,8 @@ For each vocabulary size: the forward and backward pass of the output layer of N
 WikiText-2 recipe: 20 streams x 35 tokens = 700) of ``--dim`` features, timed in alternating blocks (plain, fused,
 plain, ...) of ``--steps`` passes so that other load hits both alike; reported: the medians, and the median of the
 per-pair ratios plain time / fused time (> 1: the fused head is faster). This is the measurement behind the
-default of ``model.config.loss_block_rows`` (``rnnlm.head.auto_block_rows``); ``scripts/bench.py`` measures whole
-training steps.
+default of ``model.config.loss_block_rows`` (``rnnlm.network.head.auto_block_rows``); ``scripts/bench.py`` measures
+whole training steps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.cpu import flush_denormals
-from rnnlm.head import CPU_BLOCK_ELEMENTS, MIN_BLOCK_ROWS, linear_cross_entropy
+from rnnlm.network.head import CPU_BLOCK_ELEMENTS, MIN_BLOCK_ROWS, linear_cross_entropy
 
 
 def _pass(head, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> None:

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path, label in zip(args.metrics_csv, labels):
+    for path, label in zip(args.metrics_csv, labels, strict=True):
         points = read_points(path)
         if not points:
             raise SystemExit(f"{path} has no val/accuracy with val/train_seconds: is it a rnnlm.classify run?")
         print(json.dumps({"run": label, "points": [[round(h, 4), round(a, 4)] for h, a in points]}))
-        ax.plot(*zip(*points), "o-", label=label, markersize=4)
+        ax.plot(*zip(*points, strict=True), "o-", label=label, markersize=4)
     for accuracy, name in args.reference:
         ax.axhline(float(accuracy), linestyle="--", color="gray")
         # Below the line, so that a reference above every point stays inside the axes.

@@ -42,7 +42,7 @@ def plot_curves(metrics_csv: str | Path, output: str | Path) -> list[str]:
         raise SystemExit(f"{metrics_csv} holds none of the metrics train/val loss, ppl, bpc: is it a rnnlm run?")
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     drawn = []
-    for ax, (name, label) in zip(axes, PANELS):
+    for ax, (name, label) in zip(axes, PANELS, strict=True):
         for stage, style in (("train", "-"), ("val", "o-")):
             key = f"{stage}/{name}"
             if key in curves:

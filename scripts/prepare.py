@@ -13,14 +13,14 @@ import resource
 import sys
 import time
 
-from rnnlm.data import LMDataModule
-from rnnlm.fit import RNNLMCLI
-from rnnlm.lm import LanguageModel
+from rnnlm.data.lm import LMDataModule
+from rnnlm.training.cli import LanguageModelCLI
+from rnnlm.training.lm import LanguageModel
 
 
 def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
-    cli = RNNLMCLI(LanguageModel, LMDataModule, run=False, args=argv, save_config_callback=None)
+    cli = LanguageModelCLI(LanguageModel, LMDataModule, run=False, args=argv, save_config_callback=None)
     data = cli.datamodule
     built = time.perf_counter()  # the tokenizer is built while the CLI links the vocabulary size
     data.prepare_data()

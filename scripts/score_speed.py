@@ -29,9 +29,9 @@ import torch
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.evaluate import stream_losses
-from rnnlm.inference import load
 from rnnlm.score import read_items, write_scores
-from rnnlm.streams import ChunkLoader, cut_streams
+from rnnlm.sharing.lm import load
+from rnnlm.text.streams import ChunkLoader, cut_streams
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -60,7 +60,7 @@ def main() -> None:
 
     trained = load(args.checkpoint)
     with open(args.text, encoding="utf-8") as f:
-        lines = [line.removesuffix("\n") for _, line in zip(range(args.lines), f)]
+        lines = [line.removesuffix("\n") for _, line in zip(range(args.lines), f, strict=False)]
     path = os.path.join(args.work_dir, f"score_speed_{os.getpid()}.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from rnnlm.config import RNNLMConfig
-from rnnlm.model import RNNLM, detach_state
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM, detach_state
 
 
 def time_variant(name: str, args: argparse.Namespace, device: torch.device, **model_kwargs) -> dict:

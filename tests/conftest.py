@@ -2,7 +2,8 @@
 
 The helpers build the small objects most tests need: ``tiny_trainer``, ``tiny_data`` and ``tiny_model`` for the
 Python API, ``fit_args`` / ``run_fit`` for the CLI (``rnnlm.fit.main``; ``FIT`` runs it in a subprocess). Each test
-passes only what it needs to differ.
+passes only what it needs to differ. The fixture ``tiny_lm_checkpoint`` is the one tiny trained language model that
+tests reading a checkpoint share (trained once a session, on ``tiny_lm_corpus``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 if TYPE_CHECKING:  # imported where used, after the environment below is set (datasets reads it on import)
     import lightning as L
 
-    from rnnlm.data import LMDataModule
-    from rnnlm.lm import LanguageModel
+    from rnnlm.data.lm import LMDataModule
+    from rnnlm.training.lm import LanguageModel
 
 # Never reach for the network in tests: the Hub code path is exercised with local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,7 +108,7 @@ def tiny_trainer(root: Path, **overrides) -> L.Trainer:
 
 def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
     """A char-level data module (4 streams, chunks of 9) caching under ``root / "cache"``."""
-    from rnnlm.data import LMDataModule
+    from rnnlm.data.lm import LMDataModule
 
     settings = dict(source=str(source), tokenizer="char", batch_size=4, bptt=9, cache_dir=str(root / "cache"))
     return LMDataModule(**{**settings, **overrides})
@@ -116,14 +117,46 @@ def tiny_data(source: str | Path, root: Path, **overrides) -> LMDataModule:
 def tiny_model(vocab_size: int, **overrides) -> LanguageModel:
     """A 2-layer LSTM with 8-dimensional embeddings and 16 hidden units; ``overrides`` are model settings
     (``RNNLMConfig``) or the LightningModule's own arguments."""
-    from rnnlm.config import RNNLMConfig
-    from rnnlm.lm import LanguageModel
+    from rnnlm.network.config import RNNLMConfig
+    from rnnlm.training.lm import LanguageModel
 
     module_args = {"activation_regularization", "temporal_activation_regularization", "on_nonfinite"}
     settings = {"cell": "lstm", "num_layers": 2, "embedding_dim": 8, "hidden_size": 16}
     settings.update({k: v for k, v in overrides.items() if k not in module_args})
     return LanguageModel(RNNLMConfig(vocab_size, **settings), **{k: v for k,
                                      v in overrides.items() if k in module_args})
+
+
+# ----------------------------------------------------------------------------------------- a trained LM
+@pytest.fixture(scope="session")
+def tiny_lm_corpus(tmp_path_factory) -> Path:
+    """The train/valid/test folder that ``tiny_lm_checkpoint`` is trained on (char level: 25 tokens)."""
+    folder = tmp_path_factory.mktemp("tiny-lm") / "corpus"
+    folder.mkdir()
+    for name, seed, n in (("train.txt", 1, 300), ("valid.txt", 2, 40), ("test.txt", 3, 40)):
+        (folder / name).write_text(make_text(n, seed=seed))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_checkpoint(tiny_lm_corpus: Path) -> Path:
+    """A checkpoint of ``tiny_model`` (char-level LSTM, 2 layers, 16 units) after 60 steps of real training on
+    ``tiny_lm_corpus`` through the Trainer: it has learned something (its loss is well below ln V). Shared by the
+    whole session: read it, never write to it."""
+    import torch
+
+    root = tiny_lm_corpus.parent
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():  # the session's RNG is left as it was
+        mp.setenv("RNNLM_CACHE", str(root / "rnnlm-cache"))  # _isolated_caches is per test: not set up yet here
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+        torch.manual_seed(0)
+        data = tiny_data(tiny_lm_corpus, root)
+        model = tiny_model(data.vocab_size)
+        trainer = tiny_trainer(root, max_steps=60, limit_val_batches=0)
+        trainer.fit(model, datamodule=data)
+        path = root / "lm.ckpt"
+        trainer.save_checkpoint(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- the CLI

@@ -15,13 +15,13 @@ from conftest import tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.averaging import NTASGD
-from rnnlm.config import RNNLMConfig
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM, LayerStack, LockedDropout, detach_state
-from rnnlm.pointer import ContinuousPointer
-from rnnlm.sources import DataError
-from rnnlm.streams import ChunkLoader, draw_spans, rank_rows
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM, LayerStack, LockedDropout, detach_state
+from rnnlm.network.pointer import ContinuousPointer
+from rnnlm.text.sources import DataError
+from rnnlm.text.streams import ChunkLoader, draw_spans, rank_rows
+from rnnlm.training.averaging import NTASGD
+from rnnlm.training.lm import LanguageModel
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -59,13 +59,13 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_weights():
     with torch.no_grad():
         reference.embedding.weight.copy_(model.embedding.weight)
         reference.decoder.load_state_dict(model.decoder.state_dict())
-        for i, (layer, mask) in enumerate(zip(model.rnn.layers, masks)):
+        for i, (layer, mask) in enumerate(zip(model.rnn.layers, masks, strict=True)):
             for name in ("weight_ih", "bias_ih", "bias_hh"):
                 getattr(reference.rnn, f"{name}_l{i}").copy_(getattr(layer, f"{name}_l0"))
             reference.rnn.get_parameter(f"weight_hh_l{i}").copy_(layer.weight_hh_l0 * mask)
     expected = reference(idx).logits
     torch.testing.assert_close(out, expected)
-    for layer, mask in zip(model.rnn.layers, masks):
+    for layer, mask in zip(model.rnn.layers, masks, strict=True):
         assert 0.3 < (mask == 0).float().mean() < 0.7
         assert torch.all(layer.weight_hh_l0.grad[mask == 0] == 0)
         assert layer.weight_hh_l0.grad[mask > 0].abs().sum() > 0
@@ -148,7 +148,7 @@ def test_training_with_ar_tar_equals_a_hand_written_loop(corpus_dir, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for (name, a), b in zip(model.model.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(model.model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -304,7 +304,7 @@ def test_ntasgd_averages_evaluates_with_averages_and_resumes_exactly(corpus_dir,
     _ntasgd_run(data, tmp_path / "b", 2)
     resumed, resumed_averager, _ = _ntasgd_run(data, tmp_path / "b", 3, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
     assert resumed_averager.start_step == averager.start_step and resumed_averager.count == averager.count
-    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_trainer
 
-from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM, detach_state
-from rnnlm.streams import ChunkLoader, cut_streams
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.network.lm import RNNLM, detach_state
+from rnnlm.text.streams import ChunkLoader, cut_streams
+from rnnlm.training.lm import LanguageModel
 
 
 def bilm(cell: str, num_layers: int, **kwargs) -> RNNLM:
@@ -109,7 +109,8 @@ def test_each_direction_sees_every_token_once(length, streams, bptt):
     assert sorted(bwd_targets) == sorted(rows[:, :-1].ravel())  # all but the last of each row, once
     for b in batches:
         assert torch.equal(b[3], b[2] - 1)  # backward targets are the previous tokens
-    for prev, nxt in zip(batches, batches[1:]):  # backward chunks continue right to left, no gap, no overlap
+    # Backward chunks continue right to left, no gap, no overlap (each chunk with the next: one pair fewer).
+    for prev, nxt in zip(batches, batches[1:], strict=False):
         assert torch.equal(nxt[2][:, 0], prev[3][:, -1])
 
 

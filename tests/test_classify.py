@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, make_text, tiny_data, tiny_model, tiny_trainer
+from conftest import CONFIG_DIR, tiny_trainer
 
 import rnnlm
-from rnnlm.classification import TextClassifier
-from rnnlm.classification_data import BucketLoader, ClassificationDataModule
-from rnnlm.classifier import Classifier, concat_pool, load, make_batch, reverse_texts
-from rnnlm.config import CELLS, RNNLMConfig
+from rnnlm.data.classifier import BucketLoader, ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.sources import DataError
-from rnnlm.tokenization import TokenizerError
-from rnnlm.ulmfit import SlantedTriangularLR
+from rnnlm.network.classifier import Classifier, concat_pool, reverse_texts
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.sharing.classifier import load
+from rnnlm.text.batching import make_batch
+from rnnlm.text.sources import DataError
+from rnnlm.text.tokenization import TokenizerError
+from rnnlm.training.classifier import TextClassifier
+from rnnlm.training.ulmfit import SlantedTriangularLR
 
 CLASSIFY = [sys.executable, "-m", "rnnlm.classify"]
 CONFIGS = sorted(c for c in CONFIG_DIR.glob("*.yaml") if "label_field:" in c.read_text())
@@ -70,18 +72,10 @@ def small_encoder(cell="lstm", **kwargs) -> Classifier:
     return Classifier(RNNLMConfig(**{**config, **kwargs}), 3).eval()
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """A tiny character-level LM trained a few steps on English-like text, saved as an rnnlm checkpoint."""
-    root = tmp_path_factory.mktemp("lm")
-    (root / "train.txt").write_text(make_text(300, seed=5))
-    data = tiny_data(root / "train.txt", root)
-    model = tiny_model(data.vocab_size)
-    trainer = tiny_trainer(root, max_steps=3, limit_val_batches=1)
-    trainer.fit(model, datamodule=data)
-    path = root / "lm.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def pretrained(tiny_lm_checkpoint) -> Path:
+    """The language model the classifiers here start from: conftest's tiny trained LM."""
+    return tiny_lm_checkpoint
 
 
 # ----------------------------------------------------------------------------------------- padding and pooling
@@ -182,7 +176,7 @@ def test_gradual_unfreezing_and_discriminative_rates_through_training(tmp_path):
     optimizer = trainer.optimizers[0]
     assert [g["name"] for g in optimizer.param_groups] == ["embedding", "layer1", "layer2", "head"]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 8, 0.01 / 4, 0.01 / 2, 0.01])
-    for group, members in zip(optimizer.param_groups, groups):
+    for group, members in zip(optimizer.param_groups, groups, strict=True):
         assert {names[id(p)] for p in group["params"]} == members
 
 
@@ -277,7 +271,7 @@ def test_string_labels_survive_a_checkpoint_and_predict(tmp_path):
     with torch.no_grad():
         batch = make_batch(clf.tokenize(texts[:2]), clf.encoder.separator)
         expected = torch.softmax(model(batch.ids, batch.lengths).double(), -1)
-    for prediction, probs in zip(predictions, expected):
+    for prediction, probs in zip(predictions[:2], expected, strict=True):
         assert list(prediction.probabilities) == ["meh", "neg", "pos"]
         assert list(prediction.probabilities.values()) == pytest.approx(probs.tolist())
         assert prediction.label == clf.labels[int(probs.argmax())]
@@ -389,7 +383,7 @@ def _config(tmp_path: Path, source: Path, **model) -> Path:
                     "default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1},
         "data": {"source": str(source), "batch_size": 32, "cache_dir": str(tmp_path / "cache")},
         "model": {"head_hidden": 8, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
-                  "lr_scheduler": {"class_path": "rnnlm.ulmfit.SlantedTriangularLR"}, **model},
+                  "lr_scheduler": {"class_path": "rnnlm.training.ulmfit.SlantedTriangularLR"}, **model},
     }
     path = tmp_path / "classify.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -449,7 +443,7 @@ def test_cli_trains_from_a_pretrained_lm_then_predicts_evaluates_and_exports(tmp
           "--output", str(tmp_path / "out2.jsonl")])
     assert (tmp_path / "out2.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
     # Each loader refuses the other kind of folder by name.
-    with pytest.raises(UserError, match="holds a text classifier, not a language model: rnnlm.classifier.load"):
+    with pytest.raises(UserError, match="holds a text classifier, not a language model: rnnlm.sharing.classifier.load"):
         rnnlm.load(tmp_path / "exported")
     export_main(["--checkpoint", str(pretrained), "--out", str(tmp_path / "lm")])
     with pytest.raises(UserError, match="holds a language model, not a text classifier: rnnlm.load"):
@@ -485,7 +479,7 @@ def test_cli_refuses_bad_input_before_training(tmp_path):
 def test_a_hub_revision_reaches_datasets_and_local_sources_ignore_it(tmp_path, monkeypatch):
     import datasets
 
-    from rnnlm.data import LMDataModule
+    from rnnlm.data.lm import LMDataModule
 
     rows = contains_x(40)
     hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
@@ -570,10 +564,42 @@ def test_a_run_resumed_mid_epoch_sees_the_batches_it_had_left(tmp_path):
     whole = Seen(save_at=13)  # 10 batches per epoch: saved 3 batches into epoch 1
     run(whole)
     rest = Seen()
-    resumed = run(rest, ckpt_path=str(tmp_path / "mid.ckpt"))
+    run(rest, ckpt_path=str(tmp_path / "mid.ckpt"))
     assert whole.batches[:13] + rest.batches == whole.batches
     assert whole.batches[0][1] != whole.batches[10][1]  # epoch 1 has another order than epoch 0
-    assert resumed.lightning_module.train_seconds() > 0
+
+
+def test_training_seconds_are_the_clock_s_over_a_resume(tmp_path, monkeypatch):
+    """train_seconds reads the clock from the start of training, is saved in the checkpoint and, resumed, goes on
+    from there; the time between the two runs does not count. Each batch takes 2 s of a fake clock."""
+    import types
+
+    import lightning as L
+
+    import rnnlm.training.classifier
+
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(rnnlm.training.classifier, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Tick(L.Callback):
+        def __init__(self, save_at: int | None = None):
+            self.save_at = save_at
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.now += 2.0
+            if trainer.global_step == self.save_at:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(160)), tmp_path, val_fraction=0.0)
+    first = tiny_trainer(tmp_path, max_steps=5, callbacks=[Tick(save_at=3)], limit_val_batches=0)
+    first.fit(classifier(data), datamodule=data)
+    assert first.lightning_module.train_seconds() == 10.0
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["rnnlm"]["train_seconds"]
+    assert saved == 6.0
+    clock.now += 1000.0  # between the runs
+    resumed = tiny_trainer(tmp_path, max_steps=5, callbacks=[Tick()], limit_val_batches=0)
+    resumed.fit(classifier(data), datamodule=data, ckpt_path=str(tmp_path / "mid.ckpt"), weights_only=True)
+    assert resumed.lightning_module.train_seconds() == 6.0 + 2 * 2.0
 
 
 def test_accuracy_against_training_time(tmp_path):
@@ -616,7 +642,7 @@ def test_the_speed_script_measures_every_variant(tmp_path, monkeypatch, capsys):
 def test_evaluation_batches_give_every_process_its_share():
     tokens = [np.arange(2, 2 + n % 9 + 1) for n in range(21)]
     labels = [n % 2 for n in range(21)]
-    from rnnlm.classification_data import SortedLoader
+    from rnnlm.data.classifier import SortedLoader
 
     ranks = [[i for b in SortedLoader(tokens, labels, 1, 64, world_size=2, rank=r) for i in b.index.tolist()]
              for r in (0, 1)]

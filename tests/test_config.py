@@ -12,12 +12,12 @@ import lightning as L
 import pytest
 import torch
 
-from rnnlm.config import FORMAT_VERSION, RNNLMConfig
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM
-from rnnlm.training import NonFiniteGuard, NonFiniteLossError
+from rnnlm.network.config import FORMAT_VERSION, RNNLMConfig
+from rnnlm.network.lm import RNNLM
+from rnnlm.training.callbacks import NonFiniteGuard, NonFiniteLossError
+from rnnlm.training.lm import LanguageModel
 
 
 def test_config_round_trips_through_json():
@@ -155,7 +155,7 @@ def test_entry_points_report_a_bad_checkpoint_without_a_traceback(tmp_path, comm
 
 def test_loading_and_sampling_need_no_lightning(corpus_dir, tmp_path):
     """rnnlm.load and the model import neither Lightning nor the training code."""
-    code = ("import sys, rnnlm; from rnnlm.inference import load, sample; "
-            "assert not any(m == 'lightning' or m.startswith(('lightning.', 'rnnlm.lm')) for m in sys.modules)")
+    code = ("import sys, rnnlm; from rnnlm.sharing.lm import load, sample; "
+            "assert not any(m == 'lightning' or m.startswith(('lightning.', 'rnnlm.training')) for m in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import evaluate
-from rnnlm.config import RNNLMConfig
-from rnnlm.head import linear_cross_entropy
-from rnnlm.model import RNNLM, detach_state
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.head import linear_cross_entropy
+from rnnlm.network.lm import RNNLM, detach_state
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -35,7 +35,7 @@ def test_fused_head_equals_the_plain_head_on_the_gpu(block):
     fused = linear_cross_entropy(x, w, b, y, block)
     plain = F.cross_entropy(F.linear(x, w, b), y)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    for got, want in zip(torch.autograd.grad(fused, (x, w, b)), torch.autograd.grad(plain, (x, w, b))):
+    for got, want in zip(torch.autograd.grad(fused, (x, w, b)), torch.autograd.grad(plain, (x, w, b)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -46,7 +46,7 @@ def test_fused_head_under_bf16_autocast_on_the_gpu():
         plain = F.cross_entropy(F.linear(x, w, b).float(), y)
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
-    for got, want in zip(torch.autograd.grad(fused, (x, w, b)), torch.autograd.grad(plain, (x, w, b))):
+    for got, want in zip(torch.autograd.grad(fused, (x, w, b)), torch.autograd.grad(plain, (x, w, b)), strict=True):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=5e-2, atol=1e-4)
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import make_text, tiny_data
 
-from rnnlm.data import LMDataModule
-from rnnlm.sources import DataError, carve_by_characters, load_corpus
-from rnnlm.streams import ChunkLoader, cut_streams, rank_rows
-from rnnlm.tokenization import EOS
+from rnnlm.data.lm import LMDataModule
+from rnnlm.text.sources import DataError, carve_by_characters, load_corpus
+from rnnlm.text.streams import ChunkLoader, cut_streams, rank_rows
+from rnnlm.text.tokenization import EOS
 
 # --------------------------------------------------------------------------------------------- streams
 SHAPES = [  # (N tokens, B streams, T bptt)
@@ -106,7 +106,7 @@ def test_two_ranks_split_the_rows_of_one_process_with_twice_the_streams(n, b, t)
     # Same number of chunks on every rank (DDP needs it); together they are the single-process chunks.
     l0, l1, single = ChunkLoader(rank0, t), ChunkLoader(rank1, t), ChunkLoader(both, t)
     assert len(l0) == len(l1) == len(single)
-    for (x0, y0), (x1, y1), (x, y) in zip(l0, l1, single):
+    for (x0, y0), (x1, y1), (x, y) in zip(l0, l1, single, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x)
         assert torch.equal(torch.cat([y0, y1]), y)
     assert l0.tokens_per_epoch + l1.tokens_per_epoch == single.tokens_per_epoch
@@ -489,7 +489,7 @@ def test_the_same_text_elsewhere_is_a_cache_hit(corpus_dir, tmp_path, info_log):
 
 
 def test_hash_files_follows_content_and_names_not_location(tmp_path):
-    from rnnlm.sources import hash_files
+    from rnnlm.text.sources import hash_files
 
     def folder(name: str, files: dict) -> list:
         root = tmp_path / name
@@ -569,7 +569,7 @@ def test_bad_settings_are_refused():
 
 def test_data_and_tokenizer_errors_are_user_errors():
     from rnnlm.errors import UserError
-    from rnnlm.tokenization import TokenizerError
+    from rnnlm.text.tokenization import TokenizerError
 
     assert issubclass(DataError, UserError) and issubclass(TokenizerError, UserError)
     with pytest.raises(DataError, match=r"^data\.bptt must be a positive integer, got True\.$"):
@@ -579,7 +579,7 @@ def test_data_and_tokenizer_errors_are_user_errors():
 
 
 def test_token_cache_entry_of_another_format_version_is_refused(corpus_dir, tmp_path):
-    from rnnlm.token_cache import TOKEN_CACHE_FORMAT_VERSION, TokenCache
+    from rnnlm.text.token_cache import TOKEN_CACHE_FORMAT_VERSION, TokenCache
 
     dm = _char_module(corpus_dir, tmp_path)
     folder = dm._cache_path("train")

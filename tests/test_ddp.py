@@ -115,7 +115,7 @@ def test_two_nodes_with_torchrun_train_like_one_process(single, tmp_path):
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
     _assert_same(_result(out), (ref_weights, ref_val))
     both = "".join(logs)

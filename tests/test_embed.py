@@ -29,13 +29,14 @@ def _lm(root: Path, **settings) -> Path:
     return root / "lm.ckpt"
 
 
-@pytest.fixture(scope="module")
-def forward_lm(tmp_path_factory) -> Path:
-    return _lm(tmp_path_factory.mktemp("fwd"))
+@pytest.fixture
+def forward_lm(tiny_lm_checkpoint) -> Path:
+    return tiny_lm_checkpoint
 
 
 @pytest.fixture(scope="module")
 def bilm(tmp_path_factory) -> Path:
+    # Its own model: embedding both directions needs a bidirectional LM (conftest's shared one is forward only).
     return _lm(tmp_path_factory.mktemp("bi"), bidirectional=True, num_layers=2)
 
 
@@ -61,7 +62,7 @@ def test_per_token_states_of_a_forward_lm_to_parquet(forward_lm, lines, tmp_path
     assert json.loads(table.schema.metadata[b"rnnlm"])["shape"] == [16]
     rows = table.to_pylist()
     lm = rnnlm.load(forward_lm)
-    for row, text in zip(rows, LINES):
+    for row, text in zip(rows, LINES, strict=True):
         assert "".join(row["tokens"]) == text
         if not text:
             assert row["states"] == []
@@ -112,7 +113,8 @@ def test_pooled_vectors_to_npy(bilm, lines, tmp_path, pooling):
 def test_a_classifier_checkpoint_gives_its_fine_tuned_features(tmp_path, lines):
     from test_classify import classifier, contains_x, data_module, write_tsv
 
-    from rnnlm.classifier import load, make_batch
+    from rnnlm.sharing.classifier import load
+    from rnnlm.text.batching import make_batch
 
     data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(40)), tmp_path)
     trainer = tiny_trainer(tmp_path, max_epochs=1)

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from conftest import fit_args, make_text
 
-import rnnlm.data
+import rnnlm.data.lm
 from rnnlm import fit
-from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel
-from rnnlm.model import RNNLM
-from rnnlm.sources import DataError, load_corpus
-from rnnlm.tokenization import LEVELS, TokenizerError
+from rnnlm.data.lm import LMDataModule
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.network.lm import RNNLM
+from rnnlm.text.sources import DataError, load_corpus
+from rnnlm.text.tokenization import LEVELS, TokenizerError
+from rnnlm.training.lm import LanguageModel
 
 HUB_NAME = "no-such-org/no-such-dataset"
 
@@ -329,7 +329,7 @@ def corpus_must_not_load(monkeypatch):
     def load_corpus(*args, **kwargs):
         raise AssertionError("the corpus was loaded before the bad setting was reported")
 
-    monkeypatch.setattr(rnnlm.data, "load_corpus", load_corpus)
+    monkeypatch.setattr(rnnlm.data.lm, "load_corpus", load_corpus)
 
 
 @pytest.mark.parametrize(("typo", "meant"), [("chars", "char"), ("words", "word"), ("bpee", "bpe")])

@@ -18,14 +18,14 @@ from conftest import fit_args, make_text, tiny_data, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate, fit
-from rnnlm.checkpointing import SafeCheckpointIO
-from rnnlm.config import RNNLMConfig
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import UserError
 from rnnlm.files import CheckpointError, load_safely, save_atomically
-from rnnlm.lm import LanguageModel
-from rnnlm.sources import DataError
-from rnnlm.training import NonFiniteGuard, NonFiniteLossError
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.text.sources import DataError
+from rnnlm.training.callbacks import NonFiniteGuard, NonFiniteLossError
+from rnnlm.training.checkpointing import SafeCheckpointIO
+from rnnlm.training.lm import LanguageModel
 
 
 def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
@@ -44,6 +44,7 @@ def _args(tmp_path: Path, source: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
+# Not conftest's tiny_lm_checkpoint: these tests damage and resume the CLI's own checkpoint folder, per test.
 @pytest.fixture
 def trained(corpus_dir, tmp_path) -> Path:
     """A real checkpoint folder written by the CLI."""
@@ -286,7 +287,7 @@ def test_a_trained_checkpoint_holds_only_tensors_and_plain_values(trained):
 
 PREPARE = """
 import hashlib, sys
-from rnnlm.data import LMDataModule
+from rnnlm.data.lm import LMDataModule
 data = LMDataModule(source=sys.argv[1], tokenizer="word", batch_size=2, bptt=8, cache_dir=sys.argv[2])
 data.prepare_data()
 data.setup("fit")

@@ -1,5 +1,5 @@
-"""The fused softmax head (rnnlm/head.py): the same loss and gradients as F.cross_entropy(F.linear(...)), in blocks,
-without the full logits, in every place the model computes a loss."""
+"""The fused softmax head (rnnlm/network/head.py): the same loss and gradients as F.cross_entropy(F.linear(...)), in
+blocks, without the full logits, in every place the model computes a loss."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnlm
 from rnnlm import evaluate
-from rnnlm.config import RNNLMConfig
 from rnnlm.errors import ConfigError
-from rnnlm.head import MIN_BLOCK_ROWS, auto_block_rows, linear_cross_entropy
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.head import MIN_BLOCK_ROWS, auto_block_rows, linear_cross_entropy
+from rnnlm.network.lm import RNNLM
 
 
 def _problem(rows: int, dim: int = 6, vocab: int = 23, bias: bool = True, seed: int = 0):
@@ -40,7 +40,7 @@ def test_loss_and_every_gradient_equal_the_plain_head(rows, block, bias):
     fused = linear_cross_entropy(x, w, b, y, block)
     plain = F.cross_entropy(F.linear(x, w, b), y)
     torch.testing.assert_close(fused, plain)
-    for got, want in zip(_grads(fused, x, w, b), _grads(plain, x, w, b)):
+    for got, want in zip(_grads(fused, x, w, b), _grads(plain, x, w, b), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -52,7 +52,7 @@ def test_batched_features_ignored_targets_and_a_scaled_loss_as_in_cross_entropy(
     plain = F.cross_entropy(F.linear(x3, w, b).reshape(33, -1), y3.reshape(-1))
     torch.testing.assert_close(fused, plain)
     # The stored gradients are scaled by the incoming one (a loss weight, AR/TAR added, accumulation's 1/k).
-    for got, want in zip(_grads(2.5 * fused + x.sum(), x, w, b), _grads(2.5 * plain + x.sum(), x, w, b)):
+    for got, want in zip(_grads(2.5 * fused + x.sum(), x, w, b), _grads(2.5 * plain + x.sum(), x, w, b), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -63,7 +63,7 @@ def test_gradients_accumulate_over_calls_and_a_kept_graph_gives_them_again():
     loss.backward()  # accumulated twice, as autograd does for any loss
     reference = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     F.cross_entropy(F.linear(*reference), y).mul(2).backward()
-    for got, want in zip((x, w, b), reference):
+    for got, want in zip((x, w, b), reference, strict=True):
         torch.testing.assert_close(got.grad, want.grad)
 
 
@@ -72,7 +72,7 @@ def test_only_the_gradients_asked_for_are_computed():
     frozen = w.detach()  # e.g. a frozen decoder: no weight gradient, but the features still get theirs
     fused = linear_cross_entropy(x, frozen, b, y, 2)
     plain = F.cross_entropy(F.linear(x, frozen, b), y)
-    for got, want in zip(_grads(fused, x, b), _grads(plain, x, b)):
+    for got, want in zip(_grads(fused, x, b), _grads(plain, x, b), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -126,7 +126,7 @@ def test_bf16_autocast_runs_the_products_in_bf16_and_the_loss_in_float32():
     grads = _grads(fused, x, w, b)
     assert [g.dtype for g in grads] == [torch.float32] * 3
     exact = _grads(F.cross_entropy(F.linear(x, w, b), y), x, w, b)
-    for got, want, bf16 in zip(grads, exact, _grads(plain, x, w, b)):
+    for got, want, bf16 in zip(grads, exact, _grads(plain, x, w, b), strict=True):
         # bf16 rounding of the products' operands: no further from the float32 gradient than the plain head is.
         limit = max((bf16 - want).abs().max().item() * 1.5, 1e-6)
         assert (got - want).abs().max().item() <= limit
@@ -202,7 +202,7 @@ def test_model_loss_and_parameter_gradients_equal_the_plain_head(settings):
     torch.testing.assert_close(fused.total, plain.total)
     if settings.get("tie_weights"):
         assert fused.decoder.weight is fused.embedding.weight
-    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
@@ -230,7 +230,7 @@ def test_trainer_with_the_fused_head_takes_the_plain_heads_steps(corpus_dir, tmp
         model.configure_optimizers = (lambda m: lambda: torch.optim.SGD(m.parameters(), lr=1.0))(model)
         tiny_trainer(tmp_path, max_steps=6, gradient_clip_val=0.5, limit_val_batches=0,
                      accumulate_grad_batches=accumulate).fit(model, datamodule=data)
-    for (name, a), b in zip(fused.model.state_dict().items(), plain.model.state_dict().values()):
+    for (name, a), b in zip(fused.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.allclose(fused.model.decoder.weight, initial)  # it trained
     metrics = [tiny_trainer(tmp_path, limit_val_batches=5).validate(m, datamodule=data, verbose=False)[0]

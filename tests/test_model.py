@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnlm.config import CELLS, RNNLMConfig
-from rnnlm.model import RNNLM, detach_state
-from rnnlm.tokenization import Encoder, char_tokenizer
+from rnnlm.network.config import CELLS, RNNLMConfig
+from rnnlm.network.lm import RNNLM, detach_state
+from rnnlm.text.tokenization import Encoder, char_tokenizer
 
 
 def test_elman_learns_hello():
@@ -87,7 +87,7 @@ def test_carried_state_equals_one_long_pass(cell, num_layers):
         outs.append(out.logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     if cell == "lstm":
-        for a, b in zip(state, full_state):
+        for a, b in zip(state, full_state, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(state, full_state, rtol=1e-5, atol=1e-5)
@@ -130,11 +130,12 @@ def test_generate_is_reproducible_and_greedy_matches_top1():
     torch.manual_seed(4)
     model = RNNLM(RNNLMConfig(30, embedding_dim=8, hidden_size=8)).eval()
     prompt = torch.tensor([1, 2, 3])
-    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    a = model.generate(prompt, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(7))
     assert a.shape == (20,) and torch.equal(a, b)
-    greedy = model.generate(prompt, 10, temperature=0)
-    top1 = model.generate(prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    greedy = model.generate(prompt, max_new_tokens=10, temperature=0)
+    top1 = model.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=1,
+                          generator=torch.Generator().manual_seed(1))
     assert torch.equal(greedy, top1)
     # Greedy decoding by hand: each step feeds the argmax back with the carried state.
     out = model(prompt[None])

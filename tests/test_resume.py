@@ -21,18 +21,19 @@ from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from rnnlm import fit
-from rnnlm.averaging import NTASGD
-from rnnlm.checkpointing import (
+from rnnlm.data.lm import LMDataModule
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.text.streams import ChunkLoader
+from rnnlm.training.averaging import NTASGD
+from rnnlm.training.checkpointing import (
     ResumableCheckpoints,
     SafeCheckpointIO,
     TrainingInterrupted,
     newest_checkpoint,
     with_safe_checkpoint_io,
 )
-from rnnlm.config import RNNLMConfig
-from rnnlm.data import LMDataModule
-from rnnlm.lm import LanguageModel
-from rnnlm.streams import ChunkLoader
+from rnnlm.training.cli import LanguageModelCLI
+from rnnlm.training.lm import LanguageModel
 
 
 class PlateauModel(LanguageModel):
@@ -147,7 +148,7 @@ def test_chunk_loader_resumes_at_its_position():
     fresh.load_state_dict(state)
     assert len(fresh) == len(loader) == 10  # Lightning counts the whole epoch
     rest = [x for x, _ in fresh]
-    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, chunks[6:]))
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, chunks[6:], strict=True))
     assert len([x for x, _ in fresh]) == 10, "the next epoch starts at chunk 0 again"
 
     for boundary in (0, 10):  # checkpoints written at an epoch boundary start the next epoch afresh
@@ -237,7 +238,7 @@ def test_checkpointing_off_trains_without_checkpoints_and_a_signal_stops_unsaved
 def test_the_cli_passes_safe_checkpoint_io_to_the_trainer_unless_one_was_chosen(corpus_dir, tmp_path):
     def trainer(*extra: str) -> L.Trainer:
         args = [*_cli_args(corpus_dir, tmp_path / "run", 1), *extra]
-        return fit.RNNLMCLI(LanguageModel, LMDataModule, run=False, args=args).trainer
+        return LanguageModelCLI(LanguageModel, LMDataModule, run=False, args=args).trainer
 
     assert type(trainer().strategy.checkpoint_io) is SafeCheckpointIO
     environment = "lightning.pytorch.plugins.environments.LightningEnvironment"

@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import generate
-from rnnlm.config import RNNLMConfig
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import RNNLM, filter_logits
-from rnnlm.tokenization import char_tokenizer
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM, filter_logits
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.tokenization import char_tokenizer
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -77,8 +76,9 @@ def _model(vocab: int = 30, seed: int = 4) -> RNNLM:
 
 def test_a_tiny_nucleus_is_greedy():
     model, prompt = _model(), torch.tensor([1, 2, 3])
-    greedy = model.generate(prompt, 15, temperature=0)
-    nucleus = model.generate(prompt, 15, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(prompt, max_new_tokens=15, temperature=0)
+    nucleus = model.generate(prompt, max_new_tokens=15, temperature=1.0, top_p=1e-6,
+                             generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy, nucleus)
 
 
@@ -86,29 +86,32 @@ def test_num_samples_is_one_batch_primed_once():
     model, prompt = _model(), torch.tensor([1, 2, 3])
 
     def draw(seed: int, **settings) -> torch.Tensor:
-        return model.generate(prompt, 12, 1.0, generator=torch.Generator().manual_seed(seed), **settings)
+        return model.generate(prompt, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                              **settings)
 
     batch = draw(5, num_samples=6)
     assert batch.shape == (6, 12)
     assert torch.equal(batch, draw(5, num_samples=6))  # reproducible
     assert len({tuple(row) for row in batch.tolist()}) > 1  # the streams sample independently
     # Greedy: every stream is the single greedy continuation.
-    greedy = model.generate(prompt, 12, temperature=0, num_samples=3)
-    assert torch.equal(greedy, model.generate(prompt, 12, temperature=0).expand(3, -1))
+    greedy = model.generate(prompt, max_new_tokens=12, temperature=0, num_samples=3)
+    assert torch.equal(greedy, model.generate(prompt, max_new_tokens=12, temperature=0).expand(3, -1))
     # A [B, T] prompt gives B * num_samples rows, each prompt's streams next to each other.
-    two = model.generate(torch.stack([prompt, prompt.flip(0)]), 12, temperature=0, num_samples=2)
-    assert torch.equal(two[2], model.generate(prompt.flip(0), 12, temperature=0))
+    two = model.generate(torch.stack([prompt, prompt.flip(0)]), max_new_tokens=12, temperature=0, num_samples=2)
+    assert torch.equal(two[2], model.generate(prompt.flip(0), max_new_tokens=12, temperature=0))
     assert torch.equal(two[0], two[1]) and torch.equal(two[2], two[3])
 
 
 def test_streams_stop_at_the_stop_token():
     model, prompt = _model(vocab=4), torch.tensor([1])
-    free = model.generate(prompt, 40, 1.0, generator=torch.Generator().manual_seed(2), num_samples=8)
-    stopped = model.generate(prompt, 40, 1.0, generator=torch.Generator().manual_seed(2), num_samples=8,
+    free = model.generate(prompt, max_new_tokens=40, temperature=1.0,
+                         generator=torch.Generator().manual_seed(2), num_samples=8)
+    stopped = model.generate(prompt, max_new_tokens=40, temperature=1.0,
+                         generator=torch.Generator().manual_seed(2), num_samples=8,
                              stop_token=0)
     # Same draws until each stream stops; after its stop token a stream only repeats it.
     ends = []
-    for a, b in zip(free.tolist(), stopped.tolist()):
+    for a, b in zip(free.tolist(), stopped.tolist(), strict=True):
         assert 0 in b
         end = b.index(0) + 1
         assert b[:end] == a[:end] and set(b[end:]) <= {0}
@@ -136,38 +139,27 @@ def test_samples_stop_at_the_separator():
     assert any("<eos>" in s.text for s in free)  # without stopping, the separator is written out
     stopped = lm.samples("ab", num_samples=8, max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True)
     assert any(s.stopped_at_separator for s in stopped)
-    for f, s in zip(free, stopped):
+    for f, s in zip(free, stopped, strict=True):
         assert s.prompt == "ab" and "<eos>" not in s.text
         if s.stopped_at_separator:
             assert f.text.startswith(s.text + "<eos>") and len(s.text) == s.tokens - 1
         else:
             assert s.text == f.text and s.tokens == 30
     # The single-text API is the first of one sample.
-    assert lm.sample("ab", 30, 1.0, seed=3, stop_at_separator=True) == lm.samples(
-        "ab", 1, 30, 1.0, seed=3, stop_at_separator=True)[0].text
+    assert lm.sample("ab", max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True) == lm.samples(
+        "ab", num_samples=1, max_new_tokens=30, temperature=1.0, seed=3, stop_at_separator=True)[0].text
 
 
 def test_sampling_settings_are_checked():
     model, prompt = _model(), torch.tensor([1])
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"top_k": 0}, {"temperature": -1.0}, {"num_samples": 0}):
         with pytest.raises(ValueError):
-            model.generate(prompt, 3, **{"temperature": 1.0, **bad})
+            model.generate(prompt, max_new_tokens=3, **{"temperature": 1.0, **bad})
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny char-level model after a few steps of real training."""
-    root = tmp_path_factory.mktemp("sampling")
-    (root / "train.txt").write_text(make_text(200, seed=1))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
-        data = tiny_data(root / "train.txt", root, sample_by="line")
-        model = tiny_model(data.vocab_size)
-        trainer = tiny_trainer(root, max_steps=3, limit_val_batches=0)
-        trainer.fit(model, datamodule=data)
-        path = root / "model.ckpt"
-        trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def checkpoint(tiny_lm_checkpoint):
+    return tiny_lm_checkpoint
 
 
 def test_generate_json_lines(checkpoint, capsys):
@@ -177,14 +169,15 @@ def test_generate_json_lines(checkpoint, capsys):
     lines = capsys.readouterr().out.splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == 4 and [r["index"] for r in records] == [0, 1, 2, 3]
-    for record, sample in zip(records, samples):
+    for record, sample in zip(records, samples, strict=True):
         assert record["prompt"] == "the" and record["text"] == sample.text and record["tokens"] == sample.tokens
         assert record["stopped_at_separator"] == sample.stopped_at_separator
         assert (record["seed"], record["top_p"], record["top_k"], record["temperature"]) == (7, 0.9, 20, 1.2)
     # The same seed gives the same texts: those of the Python API with the same settings.
     assert generate.main(args) == samples
     lm = load(checkpoint)
-    assert samples == lm.samples("the", 4, 25, 1.2, 20, 0.9, seed=7, stop_at_separator=True)
+    assert samples == lm.samples("the", num_samples=4, max_new_tokens=25, temperature=1.2, top_k=20, top_p=0.9, seed=7,
+                                 stop_at_separator=True)
 
 
 def test_generate_without_a_seed_reports_the_one_it_drew(checkpoint, capsys):
@@ -203,3 +196,14 @@ def test_generate_plain_text_separates_samples(checkpoint, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--checkpoint", str(checkpoint), "--top_p", "0"])
     assert "--top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_sampling_settings_are_keywords_after_the_prompt():
+    """One signature: after the prompt every sampling setting is named, so two orders cannot disagree."""
+    with pytest.raises(TypeError):
+        _model(vocab=4).generate(torch.tensor([1]), 5)
+    lm = _char_model(stop_bias=0.0)
+    with pytest.raises(TypeError):
+        lm.samples("ab", 2)
+    with pytest.raises(TypeError):
+        lm.sample("ab", 5)

@@ -16,18 +16,20 @@ import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
 
 from rnnlm import score
-from rnnlm.config import RNNLMConfig
-from rnnlm.encoding import encode_docs
 from rnnlm.errors import ConfigError
-from rnnlm.inference import TrainedModel, load
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
 from rnnlm.score import Item, read_items, scores
-from rnnlm.sources import DataError
-from rnnlm.tokenization import Encoder, char_tokenizer, train_tokenizer
+from rnnlm.sharing.lm import TrainedModel, load
+from rnnlm.text.encoding import encode_docs
+from rnnlm.text.sources import DataError
+from rnnlm.text.tokenization import Encoder, char_tokenizer, train_tokenizer
 
 ITEMS = ["the cat sat on a mat", "", "a", "birds sang in tall green trees every morning", "dog ran", "x y z"]
 
 
+# Not conftest's tiny_lm_checkpoint: the scores must tell training lines from noise, so this model reads whole
+# lines (sample_by="line") and trains longer and wider.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint of a small char-level LSTM trained on lines of English-like text, and its training lines."""
@@ -69,13 +71,13 @@ def test_a_batch_gives_the_numbers_of_one_item_at_a_time(trained):
     alone = [scores(lm, [text])[0] for text in ITEMS]
     for batch_size in (2, 4, len(ITEMS)):
         batched = scores(lm, ITEMS, batch_size=batch_size)
-        for a, b in zip(alone, batched):
+        for a, b in zip(alone, batched, strict=True):
             assert (a["tokens"], a["characters"]) == (b["tokens"], b["characters"])
             assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
     # Padded (a short item batched with a much longer one) == alone == one unbatched pass.
     padded = scores(lm, ["a", "birds sang in tall green trees " * 8], batch_size=2)[0]
     assert padded["logprob"] == pytest.approx(alone[2]["logprob"], rel=1e-5)
-    for text, result in zip(ITEMS, alone):
+    for text, result in zip(ITEMS, alone, strict=True):
         assert result["logprob"] == pytest.approx(_direct_logprob(lm, text), rel=1e-5)
 
 
@@ -85,7 +87,7 @@ def test_items_longer_than_one_pass_carry_their_state(trained, monkeypatch):
     # Three steps per pass: items are read in pieces, rows that have ended leave the batch on the way.
     monkeypatch.setattr(score, "MAX_STEPS_PER_PASS", 3)
     pieces = scores(lm, ITEMS, batch_size=3)
-    for a, b in zip(whole, pieces):
+    for a, b in zip(whole, pieces, strict=True):
         assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
 
 
@@ -118,7 +120,7 @@ def test_the_definitions_of_evaluate(trained):
     _, stats = encode_docs(lm.encoder, ITEMS)
     assert sum(r["tokens"] for r in results) == stats.tokens
     assert sum(r["characters"] for r in results) == stats.characters
-    for text, r in zip(ITEMS, results):
+    for text, r in zip(ITEMS, results, strict=True):
         assert r["tokens"] == len(lm.encoder.encode_text(text)) + 1 and r["characters"] == len(text) + 1
         assert r["ppl"] == pytest.approx(math.exp(-r["logprob"] / r["tokens"]))
         assert r["bpc"] == pytest.approx(-r["logprob"] / math.log(2) / r["characters"])
@@ -136,7 +138,7 @@ def test_a_training_line_scores_lower_than_random_characters(trained):
     alphabet = sorted(set("".join(lines)))
     noise = ["".join(rng.choice(alphabet) for _ in range(len(line))) for line in lines[:20]]
     seen, random_chars = scores(lm, lines[:20]), scores(lm, noise)
-    for a, b in zip(seen, random_chars):
+    for a, b in zip(seen, random_chars, strict=True):
         assert a["ppl"] < b["ppl"]
     # Half a bit per character apart on average, after a short training.
     assert np.mean([r["bpc"] for r in seen]) < np.mean([r["bpc"] for r in random_chars]) - 0.5
@@ -158,7 +160,7 @@ def test_what_ends_an_item():
 def test_bidirectional_models_score_with_both_directions():
     lm = _untrained(bidirectional=True)
     both = scores(lm, ITEMS, batch_size=4)
-    for text, r in zip(ITEMS, both):
+    for text, r in zip(ITEMS, both, strict=True):
         assert r["forward_logprob"] == pytest.approx(_direct_logprob(lm, text, "forward"), rel=1e-5)
         assert r["backward_logprob"] == pytest.approx(_direct_logprob(lm, text, "backward"), rel=1e-5)
         assert r["logprob"] == pytest.approx((r["forward_logprob"] + r["backward_logprob"]) / 2)
@@ -219,7 +221,7 @@ def test_the_command_writes_json_lines_in_input_order(trained, tmp_path, capsys)
                                   "--include_text")
     assert [(r["index"], r["line"], r["text"]) for r in records] == [(i, i + 1, t) for i, t in enumerate(items)]
     expected = scores(load(path), items)
-    for record, result in zip(records, expected):
+    for record, result in zip(records, expected, strict=True):
         assert record["logprob"] == pytest.approx(result["logprob"], rel=1e-5)
     # The summary: stderr, readable and as JSON on its last line; nothing but the items on stdout.
     assert json.loads(err.strip().splitlines()[-1]) == summary

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from rnnlm.tokenization import (
+from rnnlm.text.tokenization import (
     EOS,
     LEVELS,
     UNK,
@@ -375,7 +375,7 @@ def test_unknown_level_and_missing_vocab_size():
 
 
 def test_tokenizers_parallelism_is_set_in_one_place(monkeypatch):
-    from rnnlm.tokenization import PARALLELISM_VARIABLE, default_tokenizers_parallelism, tokenizers_parallelism
+    from rnnlm.text.tokenization import PARALLELISM_VARIABLE, default_tokenizers_parallelism, tokenizers_parallelism
 
     monkeypatch.delenv(PARALLELISM_VARIABLE, raising=False)
     with tokenizers_parallelism(True):

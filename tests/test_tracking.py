@@ -15,7 +15,7 @@ import pytest
 from conftest import FIT, ROOT, fit_args
 
 from rnnlm.fit import main as fit_main
-from rnnlm.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
+from rnnlm.training.tracking import choose_wandb_mode, has_wandb_credentials, read_wandb_records
 
 
 def _tiny(corpus: Path, out: Path, steps: int = 6) -> list[str]:
@@ -289,7 +289,7 @@ def test_a_run_the_caller_started_is_used_and_left_open(corpus_dir, tmp_path, of
 
 def test_the_equals_form_of_flags_is_accepted_and_old_paths_are_named():
     from rnnlm.errors import ConfigError
-    from rnnlm.fit import _refuse_moved_settings
+    from rnnlm.training.cli import _refuse_moved_settings
 
     _refuse_moved_settings(["--model.config.hidden_size=16", "--model.init_from=someone/model"])
     with pytest.raises(ConfigError, match=r"--model.hidden_size \(now --model.config.hidden_size\)"):
@@ -300,8 +300,8 @@ def test_log_model_logs_the_exported_folder_as_a_model_artifact(corpus_dir, tmp_
     import torch
 
     import rnnlm
-    from rnnlm.export import logits_difference
-    from rnnlm.pretrained import FILES
+    from rnnlm.sharing.export import logits_difference
+    from rnnlm.sharing.folders import FILES
 
     cli = fit_main([*_tiny(corpus_dir, tmp_path, steps=6), "--trainer.logger.init_args.log_model", "true"])
     run_id = cli.trainer.logger.version
@@ -327,3 +327,31 @@ def test_log_model_logs_the_exported_folder_as_a_model_artifact(corpus_dir, tmp_
     assert "configs/quickstart.yaml" in card and "library_name: rnnlm" in card
     for unknown in ("None", "null", "TODO", "More Information Needed", "[", "?"):
         assert unknown not in card.split("```yaml")[0], unknown
+
+
+def test_the_classifier_and_the_lm_record_the_same_run_facts(corpus_dir, tmp_path, offline):
+    """One writer of checkpoint["rnnlm"]: a classifier run records its W&B run (project and run name) exactly as a
+    language-model run of the same logger settings does."""
+    from rnnlm.classify import train as classify_train
+    from rnnlm.files import load_safely
+
+    logger = ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                              "init_args": {"project": "rnnlm-test", "name": "one-run"}})]
+    lm = fit_main([*_tiny(corpus_dir, tmp_path / "lm", steps=3), "--test_after_fit", "false", *logger])
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("text\tlabel\n" + "".join(f"{'ab' * (i % 5 + 1)}\t{i % 2}\n" for i in range(40)))
+    clf = classify_train([
+        "--config", str(ROOT / "configs" / "nsmc_sentiment_scratch.yaml"), "--data.source", str(labelled),
+        "--data.revision", "null", "--data.text_field", "text", "--data.label_field", "label",
+        "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "clf"),
+        "--checkpoint.dirpath", str(tmp_path / "clf" / "checkpoints"), "--trainer.enable_progress_bar", "false",
+        "--model.config.hidden_size", "8", "--model.config.embedding_dim", "4", "--model.head_hidden", "4",
+        "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--data.batch_size", "8", *logger,
+    ])  # fmt: skip
+    facts = []
+    for cli in (lm, clf):
+        saved = load_safely(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")["rnnlm"]
+        facts.append(saved["wandb_run"])
+    assert facts[0]["project"] == facts[1]["project"] == "rnnlm-test"
+    assert facts[0]["name"] == facts[1]["name"] == "one-run"
+    assert facts[0]["id"] != facts[1]["id"]  # two runs, recorded the same way

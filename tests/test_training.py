@@ -13,9 +13,9 @@ from conftest import CONFIG_DIR, run_fit, tiny_data, tiny_model, tiny_trainer
 
 import rnnlm
 from rnnlm import evaluate, generate
-from rnnlm.config import RNNLMConfig
 from rnnlm.fit import main as fit_main
-from rnnlm.model import RNNLM
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
 
 # The language-model configs (those of rnnlm.fit); the classifier configs, which have a label field, are
 # tested with rnnlm.classify in test_classify.py.
@@ -65,7 +65,7 @@ def test_training_equals_a_hand_written_tbptt_loop(corpus_dir, tmp_path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         opt.step()
-    for (name, a), b in zip(model.model.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(model.model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -97,7 +97,7 @@ def test_state_resets_each_epoch_and_validation_leaves_training_state_alone(corp
     assert probe.first_states == [None, None]  # h_0 = zeros at the start of every epoch
     # Validating every few steps (with its own state) must not change what training computes.
     with_val, _ = run(val_check_interval=max(2, n_batches // 3), num_sanity_val_steps=2)
-    for a, b in zip(plain.state_dict().values(), with_val.state_dict().values()):
+    for a, b in zip(plain.state_dict().values(), with_val.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -181,7 +181,7 @@ def test_checkpoint_is_self_contained_and_safe_to_load(corpus_dir, tmp_path):
     assert raw["rnnlm"]["tokenizer"] == data.tokenizer.to_str()
     loaded = rnnlm.load(ckpt)
     assert loaded.encoder.vocab_size == data.vocab_size and loaded.config == model.config
-    for a, b in zip(model.model.state_dict().values(), loaded.model.state_dict().values()):
+    for a, b in zip(model.model.state_dict().values(), loaded.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 

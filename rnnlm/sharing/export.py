@@ -1,0 +1,89 @@
+"""Export: a checkpoint written as the Hub's model folder (weights, config, tokenizer, card), read back and checked
+against the checkpoint's logits bit for bit, and optionally pushed to the Hub."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rnnlm.files import load_safely
+from rnnlm.network.lm import DIRECTIONS
+from rnnlm.sharing import classifier, lm
+from rnnlm.sharing.card import classifier_card, model_card
+from rnnlm.sharing.checkpoints import is_classifier_checkpoint
+from rnnlm.sharing.folders import CLASSIFIER, FILES, PretrainedError, folder_task, write_folder
+from rnnlm.sharing.hub import locate, push
+
+
+@torch.no_grad()
+def logits_difference(a: lm.TrainedModel, b: lm.TrainedModel, length: int = 64, seed: int = 0) -> tuple[bool, float]:
+    """Whether two models give bit-identical logits (every direction) on a fixed random id sequence, and the
+    largest absolute difference."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(a.config.vocab_size, (2, length), generator=generator)
+    equal, worst = True, 0.0
+    for direction in DIRECTIONS[: 2 if a.config.bidirectional else 1]:
+        x = a.model(ids.to(next(a.model.parameters()).device), direction=direction).logits.cpu()
+        y = b.model(ids.to(next(b.model.parameters()).device), direction=direction).logits.cpu()
+        equal = equal and torch.equal(x, y)
+        worst = max(worst, (x - y).abs().max().item())
+    return equal, worst
+
+
+@torch.no_grad()
+def classifier_logits_difference(a, b, length: int = 40, seed: int = 0) -> tuple[bool, float]:
+    """The same check for two classifiers, on texts of three lengths in one padded batch."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(a.config.vocab_size, (3, length), generator=generator)
+    lengths = torch.tensor([length, length // 2, 3])
+    x = a.model(ids.to(next(a.model.parameters()).device), lengths).cpu()
+    y = b.model(ids.to(next(b.model.parameters()).device), lengths).cpu()
+    return torch.equal(x, y), (x - y).abs().max().item()
+
+
+def export(
+    checkpoint: str,
+    out: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Write the exported folder of ``checkpoint`` to ``out`` (checked against the checkpoint's logits), and push
+    it to ``push_to_hub`` when given. Returns what was done: the folder, its files and sizes, the logits check and
+    the repo URL."""
+    kind, path = locate(checkpoint)
+    if kind == "folder":  # already exported: check it loads, and push it as it is
+        if out is not None:
+            raise PretrainedError(f"{checkpoint} is an exported folder already: give a .ckpt to export, or only "
+                                  "--push_to_hub to upload the folder as it is.")
+        (classifier.from_folder if folder_task(path) == CLASSIFIER else lm.from_folder)(path)
+        result = {"folder": str(path), "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())
+                                                 if p.name in FILES}}
+        if push_to_hub:
+            result["url"] = push(path, push_to_hub, private)
+        return result
+    if out is None and push_to_hub is None:
+        raise PretrainedError("Say where the exported model goes: --out DIR, --push_to_hub OWNER/NAME, or both.")
+    saved = load_safely(path)
+    if is_classifier_checkpoint(saved):
+        trained = classifier.from_checkpoint(saved, str(path))
+        card_of, read_back, difference = classifier_card, classifier.from_folder, classifier_logits_difference
+    else:
+        trained = lm.from_checkpoint(saved, str(path))
+        card_of, read_back, difference = model_card, lm.from_folder, logits_difference
+    with tempfile.TemporaryDirectory(prefix="rnnlm-export-") as scratch:
+        folder = Path(out) if out is not None else Path(scratch) / push_to_hub.split("/")[-1]
+        card = card_of(saved, trained, load_as=push_to_hub or str(out))
+        files = write_folder(trained, folder, card, overwrite=overwrite)
+        again = read_back(folder)
+        identical, worst = difference(trained, again)
+        if not identical:  # a bug, never a user's mistake: say so loudly
+            raise RuntimeError(f"The exported folder {folder} gives other logits than {path} (max |diff| {worst}).")
+        result = {"checkpoint": str(path), "folder": str(folder) if out is not None else None, "files": files,
+                  "parameters": sum(p.numel() for p in trained.model.parameters()),
+                  "logits_identical": identical, "max_abs_logit_diff": worst}
+        if push_to_hub:
+            result["url"] = push(folder, push_to_hub, private, kept=out is not None)
+    return result
