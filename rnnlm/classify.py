@@ -24,8 +24,10 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix, multiclass_f1_score
 
-from rnnlm.commands import add_device_option, read_lines, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, read_lines, resolve_device
 from rnnlm.data.classifier import ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError, run_main
 from rnnlm.sharing.classifier import load
@@ -81,13 +83,6 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
              revision: str | None = None, text_field: str | None = None, label_field: str | None = None,
              delimiter: str | None = None, batch_size: int = 128, device: str = "auto") -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix of a classifier checkpoint on a split."""
-    import torch.nn.functional as F
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_confusion_matrix,
-        multiclass_f1_score,
-    )
-
 
     clf = load(checkpoint, map_location=resolve_device(device))
     settings = dict(clf.data)
@@ -146,7 +141,7 @@ def _print_evaluation(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------ entry point
 def parser(command: str) -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.classify predict`` or ``... evaluate``."""
-    parser = argparse.ArgumentParser(prog=f"python -m rnnlm.classify {command}")
+    parser = ArgumentParser(prog=f"python -m rnnlm.classify {command}")
     parser.add_argument("--checkpoint", required=True, help="A classifier checkpoint written by rnnlm.classify.")
     parser.add_argument("--batch_size", type=int, default=64 if command == "predict" else 128)
     add_device_option(parser)

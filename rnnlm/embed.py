@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 from torch import Tensor
 
-from rnnlm.commands import add_device_option, read_lines, resolve_device
-from rnnlm.errors import ConfigError, UserError, run_main
+from rnnlm.commands import ArgumentParser, add_device_option, read_lines, resolve_device
+from rnnlm.errors import ConfigError, run_main
 from rnnlm.files import load_safely
 from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
 from rnnlm.network.lm import RNNLM
@@ -165,7 +166,7 @@ class _Sink:
 class _ParquetSink(_Sink):
     def __init__(self, path: Path, writer: FeatureWriter, metadata: dict) -> None:
         super().__init__(path, writer, metadata)
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy, needed only for .parquet output
         import pyarrow.parquet as pq
 
         values = pa.float32()
@@ -180,7 +181,7 @@ class _ParquetSink(_Sink):
         self.line = 0
 
     def write(self, tokens: list[np.ndarray], features: list[np.ndarray | None], decode) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy, needed only for .parquet output
 
         lines = list(range(self.line, self.line + len(tokens)))
         self.line += len(tokens)
@@ -221,12 +222,6 @@ class _ArraysSink(_Sink):
 
     def __init__(self, path: Path, writer: FeatureWriter, metadata: dict) -> None:
         super().__init__(path, writer, metadata)
-        if path.suffix == ".safetensors":
-            try:
-                import safetensors.numpy  # noqa: F401
-            except ImportError:
-                raise UserError("Writing .safetensors needs the safetensors package (pip install safetensors); "
-                                ".npz or .parquet need nothing more.") from None
         self.features: list[np.ndarray] = []
         self.ids: list[np.ndarray] = []
 
@@ -251,8 +246,6 @@ class _ArraysSink(_Sink):
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32 if k in ("states", "vectors") else np.int64)
                   for k, v in arrays.items()}
         if self.path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
             save_file(arrays, str(self.path), metadata={"rnnlm": json.dumps(self.metadata)})
         else:
             np.savez(self.path, **arrays, rnnlm=np.array(json.dumps(self.metadata)))
@@ -305,7 +298,7 @@ def _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total):
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.embed``."""
-    parser = argparse.ArgumentParser(prog="python -m rnnlm.embed", description=__doc__,
+    parser = ArgumentParser(prog="python -m rnnlm.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="A language model (what rnnlm.load reads) or a classifier checkpoint of rnnlm.classify.")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from rnnlm.commands import ArgumentParser
 from rnnlm.errors import run_main
 from rnnlm.sharing.export import export
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m rnnlm.export", description=__doc__,
+    p = ArgumentParser(prog="python -m rnnlm.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a .ckpt written by rnnlm.fit or rnnlm.classify (or an exported folder, to push)")

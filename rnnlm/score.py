@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rnnlm.commands import add_device_option, close_input, open_input, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, close_input, open_input, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError, run_main
 from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
@@ -300,7 +300,7 @@ def write_scores(
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.score``."""
-    p = argparse.ArgumentParser(prog="python -m rnnlm.score", description=__doc__,
+    p = ArgumentParser(prog="python -m rnnlm.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the model: anything rnnlm.load reads (a .ckpt file "
                    "written by rnnlm.fit)")

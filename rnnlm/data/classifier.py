@@ -281,7 +281,7 @@ class ClassificationDataModule(TextDataModule):
         return {} if hp.delimiter is None else {"delimiter": hp.delimiter}
 
     def _raw_splits(self) -> dict:
-        import datasets
+        import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
         hp = self.hparams
         raw, _ = load_raw(hp.source, hp.config_name, "document", self.cache_dir, options=self._load_options(),
@@ -316,7 +316,7 @@ class ClassificationDataModule(TextDataModule):
         """Read the source, fix the classes and the tokenizer, and tokenize every split (once)."""
         if self._classes is not None:
             return
-        import datasets
+        import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
         hp = self.hparams
         raw = self._raw_splits()

@@ -16,6 +16,7 @@ Nothing here imports Lightning: ``rnnlm.load`` stays usable without it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -177,8 +180,6 @@ def _shared_groups(state: dict[str, Tensor]) -> list[set[str]]:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Fill ``model`` from the safetensors file ``path``, refusing (with names and shapes) missing, unexpected or
     mis-shaped tensors before a weight is touched."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
 
     if not path.is_file():
         other = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt*")]
@@ -228,7 +229,6 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
     Everything is written into a temporary folder beside ``out`` and renamed to ``out`` at the end, so ``out`` is
     either untouched or complete. An existing non-empty ``out`` is replaced only with ``overwrite``.
     """
-    from safetensors.torch import save_model
 
     out = Path(out).expanduser()
     if out.exists():
@@ -241,8 +241,6 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
     try:
         model = trained.model
         if any(p.device.type != "cpu" for p in model.parameters()):
-            import copy
-
             model = copy.deepcopy(model).cpu()
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt", "rnnlm_version": __version__})
         classifier = getattr(trained, "classifier_settings", None)  # a TrainedClassifier's labels and head

@@ -40,7 +40,7 @@ def locate(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, P
 def download(repo_id: str, revision: str | None = None) -> Path:
     """The files of an exported model on the Hub, downloaded and cached by ``huggingface_hub`` (a cached copy is
     used when there is no network or ``HF_HUB_OFFLINE=1``)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: ~0.5 s to import; local models never need it
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -80,7 +80,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def _hub_cache() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: ~0.5 s to import; local models never need it
 
     return str(constants.HF_HUB_CACHE)
 
@@ -88,7 +88,7 @@ def _hub_cache() -> str:
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, kept: bool = True) -> str:
     """Upload an exported folder to the Hub model repo ``repo_id`` (created if needed); return its URL. ``kept``:
     whether the folder stays after a failed push (an error then says how to push it later)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # deferred: ~0.5 s to import; local models never need it
     from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     api = HfApi(library_name="rnnlm", library_version=__version__)

@@ -4,6 +4,8 @@ and an exit status on a stop or a fault), ``--ckpt_path last`` and W&B run namin
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import os
 import re
@@ -11,9 +13,11 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -48,9 +52,16 @@ class RNNLMCLI(LightningCLI):
         self.raw_args = sys.argv[1:] if args is None else args
         _refuse_moved_settings(self.raw_args)
         _refuse_old_class_paths(self.raw_args)
+        _check_config_files(self.raw_args)
         if isinstance(self.raw_args, (list, tuple)):
             args = _default_logger_folder(list(self.raw_args))
-        super().parse_arguments(parser, args)
+        try:
+            with warnings.catch_warnings():
+                # Lightning warns whenever args are passed and sys.argv holds arguments too: here they are the same.
+                warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+                super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(_argument_error(parser, str(err))) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -151,7 +162,8 @@ def train(cli_class: type[RNNLMCLI], module: type, data: type, command: str, des
     wandb_mode = choose_wandb_mode()
     existing_run = current_wandb_run()  # started by the caller: theirs to finish
     cli = cli_class(module, data, run=False, args=args, seed_everything_default=1234,
-                    save_config_kwargs={"overwrite": True}, parser_kwargs={"description": description}, **cli_kwargs)
+                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"description": description, "exit_on_error": False}, **cli_kwargs)
     run_training(cli, cli.datamodule.splits, command, args, wandb_mode, existing_run)
     return cli
 
@@ -226,7 +238,7 @@ def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and getattr(lg, "_log_model", False)]
     if not loggers or not checkpoint or not os.path.isfile(checkpoint):
         return
-    import wandb
+    import wandb  # deferred: heavy, and needed only when a W&B logger logs the model
 
 
     folder = Path(checkpoint).parent.parent / "model"
@@ -289,8 +301,6 @@ def _explicit_settings(args, section: str) -> set[str]:
 
 def _yaml_value(value: str) -> Any:
     """A YAML file's content, or the value itself parsed as YAML."""
-    import yaml
-
     try:
         if os.path.isfile(value):
             with open(value, encoding="utf-8") as f:
@@ -442,9 +452,47 @@ def _refuse_old_class_paths(args) -> None:
         )
 
 
-def _yaml_section(path: str, section: str) -> dict:
-    import yaml
+def _argument_error(parser: LightningArgumentParser, message: str) -> str:
+    """The parser's complaint in one line, with the closest valid flag for each one it did not know."""
+    flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    hint = ""
+    if message.startswith("unrecognized arguments:"):
+        bad = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+        for flag in bad:
+            close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+            hint += f" Did you mean {close[0]} (for {flag})?" if close else ""
+    first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    return f"{first}.{hint} See --help for every setting."
 
+
+def _check_config_files(args) -> None:
+    """A ``--config`` file that is missing or not valid YAML, named with the line of the mistake (the parser would
+    print its whole usage instead)."""
+    if not isinstance(args, (list, tuple)):
+        return
+    for i, arg in enumerate(args):
+        if not (arg == "--config" and i + 1 < len(args) or arg.startswith("--config=")):
+            continue
+        path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+        if not os.path.isfile(path):
+            raise ConfigError(f"The config file {path} does not exist" + (" (it is a folder)" if os.path.isdir(path)
+                              else "") + ": give a YAML file, e.g. configs/quickstart.yaml.")
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"The config file {path} is not valid YAML{where}: {what}.") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"The config file {path} is not UTF-8 text.") from None
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"The config file {path} must hold sections (trainer:, data:, model:, ...), not "
+                              f"a {type(content).__name__}.")
+
+
+def _yaml_section(path: str, section: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             content = yaml.safe_load(f)
