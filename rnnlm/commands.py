@@ -16,13 +16,16 @@ import difflib
 import io
 import os
 import sys
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO, TypeVar
 
 import torch
+from tqdm import tqdm
 
 from rnnlm.errors import ConfigError, UserError
 
+T = TypeVar("T")
 DEVICE_HELP = "where the model runs: auto (default: cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 
 
@@ -125,3 +128,12 @@ def _lines(stream: TextIO, name: str, error: type[UserError]) -> Iterator[str]:
             from None
     finally:
         close_input(stream)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def progress(items: Iterable[T], source: str, unit: str) -> Iterator[T]:
+    """``items`` with a progress bar on stderr: live on a terminal, and every 30 s otherwise (a log file, a batch
+    job), so that a long run always shows it is alive. Nothing is written to stdout, which holds results."""
+    interactive = sys.stderr.isatty()
+    yield from tqdm(items, desc=f"rnnlm: {'stdin' if source == '-' else Path(source).name}", unit=f" {unit}",
+                    file=sys.stderr, mininterval=0.5 if interactive else 30.0, leave=interactive, dynamic_ncols=True)

@@ -41,9 +41,9 @@ import torch
 from safetensors.numpy import save_file
 from torch import Tensor
 
-from rnnlm.commands import ArgumentParser, add_device_option, read_lines, resolve_device
-from rnnlm.errors import ConfigError, run_main
-from rnnlm.files import load_safely
+from rnnlm.commands import ArgumentParser, add_device_option, progress, read_lines, resolve_device
+from rnnlm.errors import ConfigError, UserError, run_main
+from rnnlm.files import atomic_path, check_output, load_safely
 from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
 from rnnlm.network.lm import RNNLM
 from rnnlm.sharing.checkpoints import is_classifier_checkpoint
@@ -259,29 +259,38 @@ def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: 
         raise ConfigError(f"--out must end in one of {', '.join(FORMATS)} (the format), got {out!r}.")
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise ConfigError("--batch_size and --max_length must be positive integers.")
+    if out_path.suffix == ".npy" and input == "-":
+        raise ConfigError(".npy output needs the number of lines first: give --input a file, or write .npz.")
+    # Every input and the output location are checked before the model is loaded or anything is written; the
+    # output is written beside its final name and renamed into place only when every line is done.
+    texts = read_lines(input)
+    check_output(out_path, "--out", inputs=(input, checkpoint))
     model = load_encoder(checkpoint, resolve_device(device), max_length)
     writer = FeatureWriter(model, pooling, layers)
     metadata = {"checkpoint": checkpoint, "model": model.kind, "pooling": pooling, "layers": layers,
                 "bidirectional": model.encoder.config.bidirectional, "shape": list(writer.shape),
                 "max_length": model.max_length}
-    if out_path.suffix == ".npy" and input == "-":
-        raise ConfigError(".npy output needs the number of lines first: give --input a file, or write .npz.")
     count = sum(1 for _ in read_lines(input)) if out_path.suffix == ".npy" else 0
-    texts = read_lines(input)  # a missing input is refused here, before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix == ".parquet":
-        sink: _Sink = _ParquetSink(out_path, writer, metadata)
-    elif out_path.suffix == ".npy":
-        sink = _NpySink(out_path, writer, metadata, count)
-    else:
-        sink = _ArraysSink(out_path, writer, metadata)
     decode = model.tokenizer_encoder.decode
     lines = empty = tokens_total = 0
-    try:
-        for block in batched(texts, BLOCK):
-            lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total)
-    finally:
-        sink.close()
+    with atomic_path(out_path) as tmp:
+        if out_path.suffix == ".parquet":
+            sink: _Sink = _ParquetSink(tmp, writer, metadata)
+        elif out_path.suffix == ".npy":
+            sink = _NpySink(tmp, writer, metadata, count)
+        else:
+            sink = _ArraysSink(tmp, writer, metadata)
+        try:
+            for block in batched(progress(texts, input, "lines"), BLOCK):
+                lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty,
+                                                    tokens_total)
+        finally:
+            sink.close()
+        if lines == 0:
+            raise UserError(f"The input {input} holds no line to embed: give a text file with one text per line.")
+        if empty == lines:
+            raise UserError(f"Every line of {input} is empty: there is no text to embed.")
     summary = {"lines": lines, "empty": empty, "tokens": tokens_total, "shape": list(writer.shape), "out": out}
     print(f"rnnlm: {lines:,} lines, {tokens_total:,} tokens -> {out} ({'x'.join(map(str, writer.shape))} per "
           f"{'token' if pooling == 'none' else 'line'})" + (f"; {empty:,} empty lines" if empty else ""),

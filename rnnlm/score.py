@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from rnnlm.commands import ArgumentParser, add_device_option, close_input, open_input, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.errors import ConfigError, run_main
+from rnnlm.errors import ConfigError, UserError, run_main
 from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
 from rnnlm.sharing.lm import TrainedModel, load
 from rnnlm.text.sources import DataError
@@ -286,6 +286,10 @@ def write_scores(
         results = scores(trained, [item.text for item in window], batch_size, directions, end)
         for item, result in zip(window, results, strict=True):
             record = {"index": item.index, "line": item.line, **result}
+            if not math.isfinite(record["logprob"]):
+                raise UserError(f"The model gave line {item.line} a log-probability of {record['logprob']}: its "
+                                "weights are not finite (a damaged checkpoint, or a diverged run). Score with another "
+                                "checkpoint; the lines before it were written.")
             if include_text:
                 record["text"] = item.text
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -3,6 +3,7 @@ against the checkpoint's logits bit for bit, and optionally pushed to the Hub.""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,24 @@ def classifier_logits_difference(a, b, length: int = 40, seed: int = 0) -> tuple
     return torch.equal(x, y), (x - y).abs().max().item()
 
 
+def check_out_folder(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an ``--out`` that would destroy what the user has: the folder
+    they are in (or one above it), a folder holding the checkpoint being exported, or a file."""
+    target, here = out.expanduser().resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise PretrainedError(f"--out {out} is the folder you are in (or holds it): replacing it would delete your "
+                              "files. Give a new folder name, e.g. --out exported/my-model.")
+    if target.exists() and not target.is_dir():
+        raise PretrainedError(f"--out {out} exists and is not a folder: choose another --out.")
+    if target == checkpoint.resolve().parent or target in checkpoint.resolve().parents:
+        raise PretrainedError(f"--out {out} holds the checkpoint being exported ({checkpoint}): "
+                              + ("--overwrite would delete it. " if overwrite else "")
+                              + "Export to a new folder outside the run's checkpoints.")
+    existing = next((p for p in (target.parent, *target.parent.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise PretrainedError(f"--out {out}: cannot write in {existing} (permission denied).")
+
+
 def export(
     checkpoint: str,
     out: str | None = None,
@@ -66,6 +85,8 @@ def export(
         return result
     if out is None and push_to_hub is None:
         raise PretrainedError("Say where the exported model goes: --out DIR, --push_to_hub OWNER/NAME, or both.")
+    if out is not None:
+        check_out_folder(Path(out), path, overwrite)
     saved = load_safely(path)
     if is_classifier_checkpoint(saved):
         trained = classifier.from_checkpoint(saved, str(path))

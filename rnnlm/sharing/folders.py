@@ -32,7 +32,7 @@ from torch import Tensor
 
 from rnnlm.errors import ConfigError, UserError
 from rnnlm.network.config import FORMAT_VERSION, RNNLMConfig
-from rnnlm.sharing.checkpoints import CLASSIFIER
+from rnnlm.sharing.checkpoints import CLASSIFIER, check_size
 from rnnlm.text.tokenization import tokenizer_kind
 from rnnlm.version import __version__
 
@@ -128,7 +128,9 @@ def read_config(folder: str | os.PathLike, task: str | None = LANGUAGE_MODEL) ->
     """The model config of an exported folder (a classifier's: its encoder's), checked."""
     values = read_values(Path(folder), task)
     try:
-        return RNNLMConfig.from_dict({k: v for k, v in values.items() if k not in EXTRA_KEYS})
+        config = RNNLMConfig.from_dict({k: v for k, v in values.items() if k not in EXTRA_KEYS})
+        check_size(config, str(Path(folder) / CONFIG_FILE))
+        return config
     except ConfigError as err:
         raise PretrainedError(f"The model settings in {Path(folder) / CONFIG_FILE} cannot be used: {err}") from None
 

@@ -5,12 +5,14 @@ and an exit status on a stop or a fault), ``--ckpt_path last`` and W&B run namin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError
-from rnnlm.files import CheckpointError, load_safely, save_atomically
+from rnnlm.files import CheckpointError, load_safely, remove_stale_temporaries, save_atomically, write_atomically
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.sharing.export import export
 from rnnlm.sharing.transfer import take_pretrained_settings, tokenizer_source
@@ -65,6 +68,7 @@ class RNNLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
+        _check_ckpt_path(config)
         _find_last_checkpoint(config)
         self.use_pretrained(config)
         # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder;
@@ -185,6 +189,13 @@ def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
+    lock = contextlib.ExitStack()
+    if _first_process():
+        lock.enter_context(run_lock(Path(trainer.default_root_dir), command))
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        for folder in {Path(trainer.default_root_dir), *([Path(dirpath)] if dirpath else [])}:
+            for stale in remove_stale_temporaries_under(folder):
+                print(f"rnnlm: removed {stale}, left by a checkpoint write that was killed", flush=True)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -214,10 +225,58 @@ def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None
             print(f"rnnlm: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
+        lock.close()
         # One call of main is one run: close it, or a later run in the same process would write into it.
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger.experiment is not existing_run:
                 logger.experiment.finish()
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+RUN_LOCK = ".rnnlm-run.lock"
+
+
+def _first_process() -> bool:
+    """Whether this is the process that starts a run: not a DDP worker Lightning launched, not another task of
+    a multi-process job (they run in the folder the first one holds)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, command: str):
+    """Hold the run folder ``root`` for this process: a second run there (which would write the same
+    checkpoints) is refused, saying who holds it. The lock is the kernel's (released when the process ends, even
+    by ``kill -9``), so a stale lock never blocks a resubmitted job."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_LOCK
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((root / (RUN_LOCK + ".owner")).read_text(encoding="utf-8"))
+            who = f"process {owner['pid']} on {owner['host']} ({owner['command']}, started {owner['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise ConfigError(f"The run folder {root} is in use by {who}: two runs there would overwrite each other's "
+                          "checkpoints. Wait for it to finish, or give this run its own "
+                          "--trainer.default_root_dir.") from None
+    try:
+        write_atomically(root / (RUN_LOCK + ".owner"), json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temporaries_under(root: Path) -> list[Path]:
+    """The temporary files killed writers left anywhere in the run folder (checkpoints, exports), removed; safe
+    only while this run holds the folder."""
+    if not root.is_dir():
+        return []
+    folders = {root, *(p.parent for p in root.rglob(".*.tmp*"))}
+    return [p for folder in sorted(folders) for p in remove_stale_temporaries(folder)]
 
 
 # ------------------------------------------------------------------------------------------ W&B
@@ -318,6 +377,18 @@ def _saved_wandb_run(ckpt_path: str | None) -> dict | None:
         return peek_checkpoint(ckpt_path).get("rnnlm", {}).get("wandb_run")
     except CheckpointError:
         return None  # reported with its explanation when the Trainer loads it
+
+
+def _check_ckpt_path(config) -> None:
+    """``--ckpt_path`` names a checkpoint file (or ``last``, ``best``, ...): a folder is answered with the files
+    in it that could be meant."""
+    path = config.get("ckpt_path")
+    if path and os.path.isdir(path):
+        found = sorted(Path(path).rglob("*.ckpt"))
+        hint = (f" It holds {', '.join(str(p) for p in found[:3])}{' ...' if len(found) > 3 else ''}." if found
+                else " It holds no .ckpt file.")
+        raise ConfigError(f"--ckpt_path {path} is a folder: give a checkpoint file (.ckpt), or --ckpt_path last to "
+                          f"continue the newest checkpoint of the run in trainer.default_root_dir.{hint}")
 
 
 def _find_last_checkpoint(config) -> None:
