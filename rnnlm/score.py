@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     stream, name = open_input(args.input, DataError)
-    show_progress = sys.stderr.isatty()
+    interactive = sys.stderr.isatty()  # elsewhere (a log, a batch job) the bar still shows life, every 30 s
     try:
         trained = load(args.checkpoint, map_location=device)
         if args.direction is None:
@@ -341,10 +341,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             directions = DIRECTIONS if args.direction == "both" else (args.direction,)
         check_directions(trained, directions)
-        total = _count_lines(args.input) if show_progress and args.input != "-" and args.per == "line" else None
+        total = _count_lines(args.input) if args.input != "-" and args.per == "line" else None
         start = time.perf_counter()
         with tqdm(total=total, unit=args.per, file=sys.stderr, delay=2.0, dynamic_ncols=True,
-                  disable=not show_progress) as bar:
+                  mininterval=0.5 if interactive else 30.0) as bar:
             totals = write_scores(trained, read_items(stream, args.per), sys.stdout, args.batch_size, directions,
                                   args.end, args.include_text, bar)
         seconds = time.perf_counter() - start
