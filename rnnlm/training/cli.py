@@ -532,8 +532,10 @@ def _argument_error(parser: LightningArgumentParser, message: str) -> str:
         for flag in bad:
             close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
             hint += f" Did you mean {close[0]} (for {flag})?" if close else ""
-    first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-    return f"{first}.{hint} See --help for every setting."
+    # jsonargparse explains a bad value over several indented lines: one line, cut where it starts repeating.
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip()) or "invalid arguments"
+    text = text if len(text) <= 400 else text[:397] + "..."
+    return f"{text.rstrip('.')}.{hint} See --help for every setting."
 
 
 def _check_config_files(args) -> None:
