@@ -72,8 +72,8 @@ def predict(checkpoint: str, input: str, output: str | None = None, batch_size: 
     finally:
         if output:
             out.close()
-    print(f"rnnlm: {count:,} lines classified" + (f" ({empty:,} empty: label null)" if empty else "")
-          + (f" -> {output}" if output else ""), file=sys.stderr)
+    print(f"rnnlm: {count:,} line{'' if count == 1 else 's'} classified"
+          + (f" ({empty:,} empty: label null)" if empty else "") + (f" -> {output}" if output else ""), file=sys.stderr)
     return count
 
 
