@@ -80,8 +80,8 @@ def predict(checkpoint: str, input: str, output: str | None = None, batch_size: 
             raise UserError(f"The input {input} holds no line to classify: give a text file with one text per line.")
         if empty == count:
             raise UserError(f"Every line of {input} is empty: there is no text to classify.")
-    print(f"rnnlm: {count:,} lines classified" + (f" ({empty:,} empty: label null)" if empty else "")
-          + (f" -> {output}" if output else ""), file=sys.stderr)
+    print(f"rnnlm: {count:,} line{'' if count == 1 else 's'} classified"
+          + (f" ({empty:,} empty: label null)" if empty else "") + (f" -> {output}" if output else ""), file=sys.stderr)
     return count
 
 

@@ -14,10 +14,12 @@ The features are the recurrent layers' states:
 
 Output, by the suffix of ``--out``:
 
-- ``.parquet`` (written as it goes, any size): one row per line, columns ``line``, ``tokens`` (the token strings) and
+- ``.parquet`` (written as it goes, any size): one row per line, columns ``line`` (the input line's number, from 1
+  as ``rnnlm.score`` numbers them), ``tokens`` (the token strings) and
   ``states`` (per-token: a list per token) or ``vector`` (pooled); with ``--layers all`` one more list level, layers
   first. The settings are in the file's metadata (``rnnlm``).
-- ``.npy`` (pooled only, written as it goes): an array ``[lines, dim]`` (``[lines, layers, dim]`` for ``all``).
+- ``.npy`` (pooled only, written as it goes): an array ``[lines, dim]`` (``[lines, layers, dim]`` for ``all``); row
+  ``i`` is input line ``i + 1`` (arrays count from 0, lines from 1).
 - ``.npz`` / ``.safetensors`` (held in memory until written): pooled: ``vectors``; per-token: ``states``
   ``[tokens, dim]`` (``[tokens, layers, dim]``) of every line one after the other, ``offsets`` ``[lines + 1]`` (line i
   is ``states[offsets[i]:offsets[i+1]]``) and ``ids``, the token ids. (``.safetensors`` needs the ``safetensors``
@@ -178,7 +180,7 @@ class _ParquetSink(_Sink):
             fields = [("line", pa.int64()), ("n_tokens", pa.int64()), ("vector", pa.list_(values))]
         self.schema = pa.schema(fields, metadata={"rnnlm": json.dumps(metadata)})
         self.file = pq.ParquetWriter(str(path), self.schema)
-        self.line = 0
+        self.line = 1  # input lines are numbered from 1, as rnnlm.score numbers them
 
     def write(self, tokens: list[np.ndarray], features: list[np.ndarray | None], decode) -> None:
         import pyarrow as pa  # deferred: heavy, needed only for .parquet output
@@ -292,10 +294,14 @@ def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: 
         if empty == lines:
             raise UserError(f"Every line of {input} is empty: there is no text to embed.")
     summary = {"lines": lines, "empty": empty, "tokens": tokens_total, "shape": list(writer.shape), "out": out}
-    print(f"rnnlm: {lines:,} lines, {tokens_total:,} tokens -> {out} ({'x'.join(map(str, writer.shape))} per "
-          f"{'token' if pooling == 'none' else 'line'})" + (f"; {empty:,} empty lines" if empty else ""),
-          file=sys.stderr)
+    print(f"rnnlm: {lines:,} {_plural(lines, 'line')}, {tokens_total:,} {_plural(tokens_total, 'token')} -> {out} "
+          f"({'x'.join(map(str, writer.shape))} per {'token' if pooling == 'none' else 'line'})"
+          + (f"; {empty:,} empty {_plural(empty, 'line')}" if empty else ""), file=sys.stderr)
     return summary
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{noun}s"
 
 
 def _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total):

@@ -68,10 +68,16 @@ def export(
     push_to_hub: str | None = None,
     private: bool = False,
     overwrite: bool = False,
+    *,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    name: str | None = None,
 ) -> dict:
     """Write the exported folder of ``checkpoint`` to ``out`` (checked against the checkpoint's logits), and push
-    it to ``push_to_hub`` when given. Returns what was done: the folder, its files and sizes, the logits check and
-    the repo URL."""
+    it to ``push_to_hub`` when given. ``license`` (a Hub license id), ``language`` (ISO 639 codes) and ``name`` (the
+    card's title; default: the Hub repo's name, else the run's or its config's) go into the model card. Returns
+    what was done: the folder, its files and sizes, the logits check, the repo URL and whether the card has a
+    license."""
     kind, path = locate(checkpoint)
     if kind == "folder":  # already exported: check it loads, and push it as it is
         if out is not None:
@@ -96,7 +102,10 @@ def export(
         card_of, read_back, difference = model_card, lm.from_folder, logits_difference
     with tempfile.TemporaryDirectory(prefix="rnnlm-export-") as scratch:
         folder = Path(out) if out is not None else Path(scratch) / push_to_hub.split("/")[-1]
-        card = card_of(saved, trained, load_as=push_to_hub or str(out))
+        # The card shows how to load the model: by its Hub id, or by the folder's name (never the machine's path).
+        load_as = push_to_hub or Path(out).expanduser().resolve().name
+        title = name or (push_to_hub.split("/")[-1] if push_to_hub else None)
+        card = card_of(saved, trained, load_as=load_as, title=title, license=license, language=language)
         files = write_folder(trained, folder, card, overwrite=overwrite)
         again = read_back(folder)
         identical, worst = difference(trained, again)
@@ -104,7 +113,7 @@ def export(
             raise RuntimeError(f"The exported folder {folder} gives other logits than {path} (max |diff| {worst}).")
         result = {"checkpoint": str(path), "folder": str(folder) if out is not None else None, "files": files,
                   "parameters": sum(p.numel() for p in trained.model.parameters()),
-                  "logits_identical": identical, "max_abs_logit_diff": worst}
+                  "logits_identical": identical, "max_abs_logit_diff": worst, "license": license or None}
         if push_to_hub:
             result["url"] = push(folder, push_to_hub, private, kept=out is not None)
     return result

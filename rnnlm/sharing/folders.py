@@ -51,6 +51,19 @@ READERS = {LANGUAGE_MODEL: "rnnlm.load (and rnnlm.generate, evaluate, score, fit
 LOCAL_DATA_SETTINGS = ("cache_dir", "encode_workers")
 
 
+def shareable(value):
+    """``value`` (a setting, or a dict or list of them) with every absolute local path cut to its base name: an
+    exported folder is read on other machines, and the path it was made on says nothing there but tells where the
+    author keeps their files (their user name, often). Relative paths and Hub ids are kept as they are."""
+    if isinstance(value, dict):
+        return {k: shareable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shareable(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return Path(value.rstrip("/\\")).name or value
+    return value
+
+
 class PretrainedError(UserError):
     """A pretrained model (folder, Hub repo) that cannot be found or used."""
 
@@ -60,7 +73,7 @@ def folder_config(config: RNNLMConfig, tokenizer: Tokenizer, data: dict, chars_p
                   classifier: dict | None = None) -> dict:
     """What config.json holds: the model config with its format version, then what a loader needs (for a
     classifier, ``classifier``: its labels and head settings)."""
-    data = {k: v for k, v in data.items() if k not in LOCAL_DATA_SETTINGS}
+    data = shareable({k: v for k, v in data.items() if k not in LOCAL_DATA_SETTINGS})
     values = {
         "model_type": MODEL_TYPE,
         **config.to_dict(),

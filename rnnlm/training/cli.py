@@ -202,7 +202,7 @@ def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None
         if cli.config.test_after_fit and "test" in splits and not trainer.interrupted:
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
             if best and trainer.is_global_zero and "test" in model.measured:
-                record_test_metrics(best, model.measured["test"])
+                record_test_metrics(best, model.measured["test"], run_checkpoints(trainer))
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
             shown = best or os.path.join(ckpt.dirpath, "last.ckpt")
@@ -317,14 +317,32 @@ def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
               flush=True)
 
 
-def record_test_metrics(path: str, metrics: dict) -> None:
-    """Add the test metrics to the checkpoint they were measured on, so that an export's model card has them."""
+def run_checkpoints(trainer: Trainer) -> list[str]:
+    """The checkpoint files this run's checkpoint callbacks keep (the best ones and last.ckpt)."""
+    paths: list[str] = []
+    for callback in trainer.checkpoint_callbacks:
+        paths += [str(p) for p in getattr(callback, "best_k_models", {})]
+        paths.append(str(getattr(callback, "last_model_path", "") or ""))
+    return [p for p in dict.fromkeys(paths) if p and os.path.isfile(p)]
+
+
+def record_test_metrics(measured_on: str, metrics: dict, checkpoints: list[str] | tuple[str, ...] = ()) -> None:
+    """Add the run's test result to the checkpoint it was measured on and to the run's other ``checkpoints``,
+    with that checkpoint's file name and step: an export of any checkpoint of the run (last.ckpt too, which the
+    README exports) then shows the run's test result, labelled with the weights it belongs to."""
     try:
-        checkpoint = load_safely(path)
+        step = peek_checkpoint(measured_on).get("global_step")
     except CheckpointError:
         return
-    checkpoint.setdefault("rnnlm", {}).setdefault("metrics", {})["test"] = dict(metrics)
-    save_atomically(checkpoint, path)
+    # The step of the checkpoint tested, not the trainer's: Lightning's test loop leaves global_step as fit ended.
+    result = {**metrics, "step": step, "checkpoint": os.path.basename(measured_on)}
+    for path in dict.fromkeys([measured_on, *checkpoints]):
+        try:
+            checkpoint = load_safely(path)
+        except CheckpointError:
+            continue
+        checkpoint.setdefault("rnnlm", {}).setdefault("metrics", {})["test"] = dict(result)
+        save_atomically(checkpoint, path)
 
 
 def plain(value: Any) -> Any:
