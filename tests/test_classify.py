@@ -20,6 +20,7 @@ from rnnlm.errors import ConfigError, UserError
 from rnnlm.network.classifier import Classifier, concat_pool, reverse_texts
 from rnnlm.network.config import CELLS, RNNLMConfig
 from rnnlm.sharing.classifier import load
+from rnnlm.sharing.folders import FILES
 from rnnlm.text.batching import make_batch
 from rnnlm.text.sources import DataError
 from rnnlm.text.tokenization import TokenizerError
@@ -429,7 +430,7 @@ def test_cli_trains_from_a_pretrained_lm_then_predicts_evaluates_and_exports(tmp
 
     exported = export_main(["--checkpoint", best, "--out", str(tmp_path / "exported")])
     assert exported["logits_identical"] and exported["max_abs_logit_diff"] == 0.0
-    assert sorted(exported["files"]) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(exported["files"]) == sorted(FILES)
     settings = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert settings["task"] == "classification" and settings["classifier"]["labels"] == [0, 1]
     card = (tmp_path / "exported" / "README.md").read_text()
