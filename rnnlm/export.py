@@ -1,6 +1,6 @@
 """Export a checkpoint as a standard model folder, optionally pushed to the Hugging Face Hub:
 
-    python -m rnnlm.export --checkpoint CKPT --out DIR [--push_to_hub OWNER/NAME [--private]] [--overwrite]
+    python -m rnnlm.export --checkpoint CKPT --out DIR [--push_to_hub OWNER/NAME [--private]] [--overwrite] [--onnx]
 
 The folder holds ``model.safetensors`` (tensors only: loading runs no code), ``config.json`` (the model config
 with its format version, the tokenizer kind and the data settings), ``tokenizer.json`` and ``README.md``, a model
@@ -8,6 +8,10 @@ card written from what the checkpoint knows. It is written to a temporary folder
 read back and checked: its logits must equal the checkpoint's bit for bit. ``rnnlm.load``, ``rnnlm.generate``
 and ``rnnlm.evaluate`` read the folder, or the Hub repo it was pushed to, as they read the checkpoint.
 ``--checkpoint`` may also be an exported folder, to push it as it is.
+
+``--onnx`` adds ``model.onnx`` for serving (onnxruntime and any ONNX runtime, no Python needed): the language
+model's step (ids and state in, logits and state out) or the classifier (ids and lengths in, logits out), any batch
+size and length, checked with onnxruntime against the PyTorch model (needs ``pip install onnx onnxruntime``).
 
 A classifier checkpoint of ``rnnlm.classify`` exports the same way: its config.json adds the labels and the head's
 settings, its card the classification results, and ``rnnlm.sharing.classifier.load`` / ``rnnlm.classify predict`` read
@@ -33,10 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also upload the folder to this Hugging Face Hub model repo (created if needed)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    # An option of this command rather than a separate one: model.onnx belongs to the folder (same weights, same
+    # atomic write, pushed with it), and users find it where they already export.
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx for serving (checked with onnxruntime; needs onnx and onnxruntime)")
     args = p.parse_args(argv)
     if args.private and not args.push_to_hub:
         p.error("--private needs --push_to_hub")
-    result = export(args.checkpoint, args.out, args.push_to_hub, args.private, args.overwrite)
+    result = export(args.checkpoint, args.out, args.push_to_hub, args.private, args.overwrite, args.onnx)
     if result.get("folder"):
         print(f"rnnlm: exported to {result['folder']}")
     for name, size in result["files"].items():
@@ -44,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "logits_identical" in result:
         print(f"  {result['parameters']:,} parameters; read back, its logits equal the checkpoint's bit for bit "
               f"(max |difference| {result['max_abs_logit_diff']})")
+    if "onnx_max_abs_diff" in result:
+        print(f"  model.onnx run by onnxruntime gives the model's outputs (max |difference| "
+              f"{result['onnx_max_abs_diff']:.2g})")
     if result.get("url"):
         print(f"rnnlm: pushed to {result['url']}")
     print(json.dumps(result))

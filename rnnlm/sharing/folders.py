@@ -38,6 +38,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "README.md"
 FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE)
+ONNX_FILE = "model.onnx"  # written on request (rnnlm.export --onnx) for serving; no rnnlm loader reads it
 MODEL_TYPE = "rnnlm"
 # config.json holds the RNNLMConfig fields plus these; anything else is refused by name.
 EXTRA_KEYS = ("model_type", "rnnlm_version", "tokenizer_kind", "data", "chars_per_token", "task", "classifier")
@@ -221,9 +222,11 @@ def _first(items: list[str], n: int = 6) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False) -> dict[str, int]:
+def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False,
+                 extra=None) -> dict[str, int]:
     """Write ``trained`` (a TrainedModel, or a TrainedClassifier) as an exported folder; return its files and their
-    sizes in bytes.
+    sizes in bytes. ``extra``, when given, is called with the temporary folder to write more files into it (the
+    ONNX model), so that they appear together with the others.
 
     Everything is written into a temporary folder beside ``out`` and renamed to ``out`` at the end, so ``out`` is
     either untouched or complete. An existing non-empty ``out`` is replaced only with ``overwrite``.
@@ -252,6 +255,8 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
         (tmp / TOKENIZER_FILE).write_text(trained.tokenizer.to_str(pretty=True), encoding="utf-8")
         if card is not None:
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for path in tmp.iterdir():
