@@ -11,11 +11,16 @@ import torch
 
 from rnnlm.files import load_safely
 from rnnlm.network.lm import DIRECTIONS
+from rnnlm.network.serving import ClassifierStep, LMStep
 from rnnlm.sharing import classifier, lm
 from rnnlm.sharing.card import classifier_card, model_card
 from rnnlm.sharing.checkpoints import is_classifier_checkpoint
-from rnnlm.sharing.folders import CLASSIFIER, FILES, PretrainedError, folder_task, write_folder
+from rnnlm.sharing.folders import CLASSIFIER, FILES, ONNX_FILE, PretrainedError, folder_task, write_folder
 from rnnlm.sharing.hub import locate, push
+from rnnlm.sharing.serving import onnx_difference, write_onnx
+
+# ONNX against eager PyTorch: the runtimes sum in other orders, so float32 rounding differs (1e-7 seen); more is a bug.
+ONNX_TOLERANCE = 1e-5
 
 
 @torch.no_grad()
@@ -72,20 +77,22 @@ def export(
     license: str | None = None,
     language: str | list[str] | None = None,
     name: str | None = None,
+    onnx: bool = False,
 ) -> dict:
     """Write the exported folder of ``checkpoint`` to ``out`` (checked against the checkpoint's logits), and push
     it to ``push_to_hub`` when given. ``license`` (a Hub license id), ``language`` (ISO 639 codes) and ``name`` (the
-    card's title; default: the Hub repo's name, else the run's or its config's) go into the model card. Returns
-    what was done: the folder, its files and sizes, the logits check, the repo URL and whether the card has a
-    license."""
+    card's title; default: the Hub repo's name, else the run's or its config's) go into the model card. With
+    ``onnx`` the folder also holds ``model.onnx`` (the LM's step or the classifier, :mod:`rnnlm.sharing.serving`),
+    checked with onnxruntime against the eager model. Returns what was done: the folder, its files and sizes, the
+    checks, the repo URL and whether the card has a license."""
     kind, path = locate(checkpoint)
     if kind == "folder":  # already exported: check it loads, and push it as it is
-        if out is not None:
+        if out is not None or onnx:
             raise PretrainedError(f"{checkpoint} is an exported folder already: give a .ckpt to export, or only "
                                   "--push_to_hub to upload the folder as it is.")
         (classifier.from_folder if folder_task(path) == CLASSIFIER else lm.from_folder)(path)
         result = {"folder": str(path), "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())
-                                                 if p.name in FILES}}
+                                                 if p.name in (*FILES, ONNX_FILE)}}
         if push_to_hub:
             result["url"] = push(path, push_to_hub, private)
         return result
@@ -100,13 +107,16 @@ def export(
     else:
         trained = lm.from_checkpoint(saved, str(path))
         card_of, read_back, difference = model_card, lm.from_folder, logits_difference
+    # Wrapped before anything is written, so that a model the serving path refuses leaves no folder behind.
+    step = (ClassifierStep if card_of is classifier_card else LMStep)(trained.model) if onnx else None
     with tempfile.TemporaryDirectory(prefix="rnnlm-export-") as scratch:
         folder = Path(out) if out is not None else Path(scratch) / push_to_hub.split("/")[-1]
         # The card shows how to load the model: by its Hub id, or by the folder's name (never the machine's path).
         load_as = push_to_hub or Path(out).expanduser().resolve().name
         title = name or (push_to_hub.split("/")[-1] if push_to_hub else None)
         card = card_of(saved, trained, load_as=load_as, title=title, license=license, language=language)
-        files = write_folder(trained, folder, card, overwrite=overwrite)
+        files = write_folder(trained, folder, card, overwrite=overwrite,
+                             extra=(lambda tmp: write_onnx(step, tmp / ONNX_FILE)) if onnx else None)
         again = read_back(folder)
         identical, worst = difference(trained, again)
         if not identical:  # a bug, never a user's mistake: say so loudly
@@ -114,6 +124,12 @@ def export(
         result = {"checkpoint": str(path), "folder": str(folder) if out is not None else None, "files": files,
                   "parameters": sum(p.numel() for p in trained.model.parameters()),
                   "logits_identical": identical, "max_abs_logit_diff": worst, "license": license or None}
+        if onnx:
+            off = onnx_difference(step, folder / ONNX_FILE)
+            if off > ONNX_TOLERANCE:  # a bug of the exporter or of rnnlm, not the user's
+                raise RuntimeError(f"{folder / ONNX_FILE} run by onnxruntime differs from the model by {off:.3g} "
+                                   f"(more than {ONNX_TOLERANCE}).")
+            result["onnx_max_abs_diff"] = off
         if push_to_hub:
             result["url"] = push(folder, push_to_hub, private, kept=out is not None)
     return result

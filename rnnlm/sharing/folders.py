@@ -48,6 +48,7 @@ MODELING_FILE = "modeling_rnnlm.py"
 # Folders written before transformers could read them lack the last two; rnnlm needs neither.
 FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE, TOKENIZER_CONFIG_FILE, MODELING_FILE)
 MODELING_SOURCE = Path(__file__).with_name("remote") / MODELING_FILE
+ONNX_FILE = "model.onnx"  # written on request (rnnlm.export --onnx) for serving; no rnnlm loader reads it
 MODEL_TYPE = "rnnlm"
 # What transformers reads in config.json (rnnlm does not): the classes to load, the special tokens' ids, whether
 # the embedding is shared, a classifier's labels.
@@ -292,9 +293,11 @@ def _first(items: list[str], n: int = 6) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False) -> dict[str, int]:
+def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False,
+                 extra=None) -> dict[str, int]:
     """Write ``trained`` (a TrainedModel, or a TrainedClassifier) as an exported folder; return its files and their
-    sizes in bytes.
+    sizes in bytes. ``extra``, when given, is called with the temporary folder to write more files into it (the
+    ONNX model), so that they appear together with the others.
 
     Everything is written into a temporary folder beside ``out`` and renamed to ``out`` at the end, so ``out`` is
     either untouched or complete. An existing non-empty ``out`` is replaced only with ``overwrite``.
@@ -324,6 +327,8 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
         shutil.copyfile(MODELING_SOURCE, tmp / MODELING_FILE)
         if card is not None:
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for path in tmp.iterdir():

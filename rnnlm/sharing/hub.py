@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from rnnlm.sharing.folders import FILES, PretrainedError
+from rnnlm.sharing.folders import FILES, ONNX_FILE, PretrainedError
 from rnnlm.version import __version__
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,7 +51,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
     local = f"(there is no local file or folder named {repo_id!r} either)"
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(FILES),
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[*FILES, ONNX_FILE],
                                    library_name="rnnlm", library_version=__version__)
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -95,7 +95,8 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, kept: b
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          allow_patterns=list(FILES), commit_message=f"Upload rnnlm model (rnnlm {__version__})")
+                          allow_patterns=[*FILES, ONNX_FILE],
+                          commit_message=f"Upload rnnlm model (rnnlm {__version__})")
     except OfflineModeIsEnabled:
         why = "HF_HUB_OFFLINE is set"
     except LocalTokenNotFoundError:
