@@ -291,7 +291,7 @@ def test_a_run_the_caller_started_is_used_and_left_open(corpus_dir, tmp_path, of
 
 def test_the_equals_form_of_flags_is_accepted_and_old_paths_are_named():
     from rnnlm.errors import ConfigError
-    from rnnlm.fit import _refuse_moved_settings
+    from rnnlm.training.cli import _refuse_moved_settings
 
     _refuse_moved_settings(["--model.config.hidden_size=16", "--model.init_from=someone/model"])
     with pytest.raises(ConfigError, match=r"--model.hidden_size \(now --model.config.hidden_size\)"):
