@@ -17,6 +17,7 @@ split: by default the validation split of the data the classifier was trained on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,10 +25,13 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix, multiclass_f1_score
 
-from rnnlm.commands import add_device_option, read_lines, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, progress, read_lines, resolve_device
 from rnnlm.data.classifier import ClassificationDataModule
 from rnnlm.errors import ConfigError, UserError, run_main
+from rnnlm.files import atomic_open, check_output
 from rnnlm.sharing.classifier import load
 from rnnlm.text.batching import batches_by_length
 from rnnlm.text.tokenization import batched
@@ -53,13 +57,16 @@ def predict(checkpoint: str, input: str, output: str | None = None, batch_size: 
             device: str = "auto") -> int:
     """Write a JSON line per input line (see the module docstring); returns the number of lines."""
 
+    # Every input and the output location are checked before the model is loaded or anything is written; the
+    # output is written beside its final name and renamed into place only when every line is done.
+    texts = read_lines(input)
+    target = check_output(output, "--output", inputs=(input, checkpoint)) if output else None
     clf = load(checkpoint, map_location=resolve_device(device))
-    texts = read_lines(input)  # a missing input is refused here, before --output is written
     keys = [str(label) for label in clf.labels]
-    out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 - stdout is not closed
     count = empty = 0
-    try:
-        for block in batched(texts, 4096):
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(atomic_open(target, "w", encoding="utf-8")) if target else sys.stdout
+        for block in batched(progress(texts, input, "lines"), 4096):
             for row in clf.probabilities(block, batch_size):
                 if np.isnan(row).any():
                     record = {"label": None, "probabilities": None}
@@ -67,13 +74,14 @@ def predict(checkpoint: str, input: str, output: str | None = None, batch_size: 
                 else:
                     record = {"label": clf.labels[int(row.argmax())],
                               "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row, strict=True)}}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
                 count += 1
-    finally:
-        if output:
-            out.close()
-    print(f"rnnlm: {count:,} lines classified" + (f" ({empty:,} empty: label null)" if empty else "")
-          + (f" -> {output}" if output else ""), file=sys.stderr)
+        if count == 0:
+            raise UserError(f"The input {input} holds no line to classify: give a text file with one text per line.")
+        if empty == count:
+            raise UserError(f"Every line of {input} is empty: there is no text to classify.")
+    print(f"rnnlm: {count:,} line{'' if count == 1 else 's'} classified"
+          + (f" ({empty:,} empty: label null)" if empty else "") + (f" -> {output}" if output else ""), file=sys.stderr)
     return count
 
 
@@ -81,13 +89,6 @@ def evaluate(checkpoint: str, split: str | None = None, source: str | None = Non
              revision: str | None = None, text_field: str | None = None, label_field: str | None = None,
              delimiter: str | None = None, batch_size: int = 128, device: str = "auto") -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix of a classifier checkpoint on a split."""
-    import torch.nn.functional as F
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_confusion_matrix,
-        multiclass_f1_score,
-    )
-
 
     clf = load(checkpoint, map_location=resolve_device(device))
     settings = dict(clf.data)
@@ -146,7 +147,7 @@ def _print_evaluation(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------ entry point
 def parser(command: str) -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.classify predict`` or ``... evaluate``."""
-    parser = argparse.ArgumentParser(prog=f"python -m rnnlm.classify {command}")
+    parser = ArgumentParser(prog=f"python -m rnnlm.classify {command}")
     parser.add_argument("--checkpoint", required=True, help="A classifier checkpoint written by rnnlm.classify.")
     parser.add_argument("--batch_size", type=int, default=64 if command == "predict" else 128)
     add_device_option(parser)

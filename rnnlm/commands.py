@@ -12,17 +12,37 @@ not UTF-8 is refused with a message that says which.
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import os
 import sys
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO, TypeVar
 
 import torch
+from tqdm import tqdm
 
 from rnnlm.errors import ConfigError, UserError
 
+T = TypeVar("T")
 DEVICE_HELP = "where the model runs: auto (default: cuda when available, else cpu), cpu, cuda, cuda:N or mps"
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes are one line naming the bad flag and the closest valid one, with exit
+    status 1 like every other mistake (argparse prints its whole usage and exits 2); ``--help`` still prints it."""
+
+    def error(self, message: str):
+        flags = sorted({s for action in self._actions for s in action.option_strings if s.startswith("--")
+                        and action.help != argparse.SUPPRESS})
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            bad = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("-")]
+            close = [difflib.get_close_matches(b, flags, n=1, cutoff=0.6) for b in bad]
+            hint = "".join(f" Did you mean {c[0]} (for {b})?" for b, c in zip(bad, close, strict=True) if c)
+        raise UserError(f"{self.prog}: {message}.{hint} See {self.prog} --help.")
 
 
 # ------------------------------------------------------------------------------------------------ --device
@@ -108,3 +128,12 @@ def _lines(stream: TextIO, name: str, error: type[UserError]) -> Iterator[str]:
             from None
     finally:
         close_input(stream)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def progress(items: Iterable[T], source: str, unit: str) -> Iterator[T]:
+    """``items`` with a progress bar on stderr: live on a terminal, and every 30 s otherwise (a log file, a batch
+    job), so that a long run always shows it is alive. Nothing is written to stdout, which holds results."""
+    interactive = sys.stderr.isatty()
+    yield from tqdm(items, desc=f"rnnlm: {'stdin' if source == '-' else Path(source).name}", unit=f" {unit}",
+                    file=sys.stderr, mininterval=0.5 if interactive else 30.0, leave=interactive, dynamic_ncols=True)

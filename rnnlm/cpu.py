@@ -37,7 +37,7 @@ def flush_denormals() -> bool:
     100x the cost of a normal multiply; flushing them changes results by less than float32 can represent. Call it
     before torch starts its thread pool, which inherits the setting. Returns whether the CPU supports it.
     """
-    import torch
+    import torch  # deferred: importing this module must not load torch (keep_freed_memory runs first)
 
     return bool(torch.set_flush_denormal(True))
 
@@ -46,7 +46,7 @@ def flush_denormals() -> bool:
 def _onednn_runs_bf16_rnns() -> bool:
     """Whether oneDNN runs a recurrent layer in bf16 on this CPU (CPUs without bf16 instructions fail with "could
     not create a primitive descriptor"). Asked once, of a one-step LSTM."""
-    import torch
+    import torch  # deferred: importing this module must not load torch (keep_freed_memory runs first)
 
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -61,7 +61,7 @@ def rnn_kernels_for_autocast():
     """Under CPU autocast in bf16 (``precision="bf16-mixed"``) torch hands recurrent layers to oneDNN, which fails on
     CPUs without bf16 instructions. There the recurrent layers run on torch's own kernels, in float32; the decoder
     and softmax, where large vocabularies spend the time, stay bf16."""
-    import torch
+    import torch  # deferred: importing this module must not load torch (keep_freed_memory runs first)
 
     low_precision = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
     if not low_precision or _onednn_runs_bf16_rnns():

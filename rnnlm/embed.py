@@ -14,10 +14,12 @@ The features are the recurrent layers' states:
 
 Output, by the suffix of ``--out``:
 
-- ``.parquet`` (written as it goes, any size): one row per line, columns ``line``, ``tokens`` (the token strings) and
+- ``.parquet`` (written as it goes, any size): one row per line, columns ``line`` (the input line's number, from 1
+  as ``rnnlm.score`` numbers them), ``tokens`` (the token strings) and
   ``states`` (per-token: a list per token) or ``vector`` (pooled); with ``--layers all`` one more list level, layers
   first. The settings are in the file's metadata (``rnnlm``).
-- ``.npy`` (pooled only, written as it goes): an array ``[lines, dim]`` (``[lines, layers, dim]`` for ``all``).
+- ``.npy`` (pooled only, written as it goes): an array ``[lines, dim]`` (``[lines, layers, dim]`` for ``all``); row
+  ``i`` is input line ``i + 1`` (arrays count from 0, lines from 1).
 - ``.npz`` / ``.safetensors`` (held in memory until written): pooled: ``vectors``; per-token: ``states``
   ``[tokens, dim]`` (``[tokens, layers, dim]``) of every line one after the other, ``offsets`` ``[lines + 1]`` (line i
   is ``states[offsets[i]:offsets[i+1]]``) and ``ids``, the token ids. (``.safetensors`` needs the ``safetensors``
@@ -38,11 +40,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 from torch import Tensor
 
-from rnnlm.commands import add_device_option, read_lines, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, progress, read_lines, resolve_device
 from rnnlm.errors import ConfigError, UserError, run_main
-from rnnlm.files import load_safely
+from rnnlm.files import atomic_path, check_output, load_safely
 from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
 from rnnlm.network.lm import RNNLM
 from rnnlm.sharing.checkpoints import is_classifier_checkpoint
@@ -165,7 +168,7 @@ class _Sink:
 class _ParquetSink(_Sink):
     def __init__(self, path: Path, writer: FeatureWriter, metadata: dict) -> None:
         super().__init__(path, writer, metadata)
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy, needed only for .parquet output
         import pyarrow.parquet as pq
 
         values = pa.float32()
@@ -177,10 +180,10 @@ class _ParquetSink(_Sink):
             fields = [("line", pa.int64()), ("n_tokens", pa.int64()), ("vector", pa.list_(values))]
         self.schema = pa.schema(fields, metadata={"rnnlm": json.dumps(metadata)})
         self.file = pq.ParquetWriter(str(path), self.schema)
-        self.line = 0
+        self.line = 1  # input lines are numbered from 1, as rnnlm.score numbers them
 
     def write(self, tokens: list[np.ndarray], features: list[np.ndarray | None], decode) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy, needed only for .parquet output
 
         lines = list(range(self.line, self.line + len(tokens)))
         self.line += len(tokens)
@@ -221,12 +224,6 @@ class _ArraysSink(_Sink):
 
     def __init__(self, path: Path, writer: FeatureWriter, metadata: dict) -> None:
         super().__init__(path, writer, metadata)
-        if path.suffix == ".safetensors":
-            try:
-                import safetensors.numpy  # noqa: F401
-            except ImportError:
-                raise UserError("Writing .safetensors needs the safetensors package (pip install safetensors); "
-                                ".npz or .parquet need nothing more.") from None
         self.features: list[np.ndarray] = []
         self.ids: list[np.ndarray] = []
 
@@ -251,8 +248,6 @@ class _ArraysSink(_Sink):
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32 if k in ("states", "vectors") else np.int64)
                   for k, v in arrays.items()}
         if self.path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
             save_file(arrays, str(self.path), metadata={"rnnlm": json.dumps(self.metadata)})
         else:
             np.savez(self.path, **arrays, rnnlm=np.array(json.dumps(self.metadata)))
@@ -266,34 +261,47 @@ def embed(checkpoint: str, input: str, out: str, pooling: str = "none", layers: 
         raise ConfigError(f"--out must end in one of {', '.join(FORMATS)} (the format), got {out!r}.")
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise ConfigError("--batch_size and --max_length must be positive integers.")
+    if out_path.suffix == ".npy" and input == "-":
+        raise ConfigError(".npy output needs the number of lines first: give --input a file, or write .npz.")
+    # Every input and the output location are checked before the model is loaded or anything is written; the
+    # output is written beside its final name and renamed into place only when every line is done.
+    texts = read_lines(input)
+    check_output(out_path, "--out", inputs=(input, checkpoint))
     model = load_encoder(checkpoint, resolve_device(device), max_length)
     writer = FeatureWriter(model, pooling, layers)
     metadata = {"checkpoint": checkpoint, "model": model.kind, "pooling": pooling, "layers": layers,
                 "bidirectional": model.encoder.config.bidirectional, "shape": list(writer.shape),
                 "max_length": model.max_length}
-    if out_path.suffix == ".npy" and input == "-":
-        raise ConfigError(".npy output needs the number of lines first: give --input a file, or write .npz.")
     count = sum(1 for _ in read_lines(input)) if out_path.suffix == ".npy" else 0
-    texts = read_lines(input)  # a missing input is refused here, before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix == ".parquet":
-        sink: _Sink = _ParquetSink(out_path, writer, metadata)
-    elif out_path.suffix == ".npy":
-        sink = _NpySink(out_path, writer, metadata, count)
-    else:
-        sink = _ArraysSink(out_path, writer, metadata)
     decode = model.tokenizer_encoder.decode
     lines = empty = tokens_total = 0
-    try:
-        for block in batched(texts, BLOCK):
-            lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total)
-    finally:
-        sink.close()
+    with atomic_path(out_path) as tmp:
+        if out_path.suffix == ".parquet":
+            sink: _Sink = _ParquetSink(tmp, writer, metadata)
+        elif out_path.suffix == ".npy":
+            sink = _NpySink(tmp, writer, metadata, count)
+        else:
+            sink = _ArraysSink(tmp, writer, metadata)
+        try:
+            for block in batched(progress(texts, input, "lines"), BLOCK):
+                lines, empty, tokens_total = _flush(block, writer, sink, batch_size, decode, lines, empty,
+                                                    tokens_total)
+        finally:
+            sink.close()
+        if lines == 0:
+            raise UserError(f"The input {input} holds no line to embed: give a text file with one text per line.")
+        if empty == lines:
+            raise UserError(f"Every line of {input} is empty: there is no text to embed.")
     summary = {"lines": lines, "empty": empty, "tokens": tokens_total, "shape": list(writer.shape), "out": out}
-    print(f"rnnlm: {lines:,} lines, {tokens_total:,} tokens -> {out} ({'x'.join(map(str, writer.shape))} per "
-          f"{'token' if pooling == 'none' else 'line'})" + (f"; {empty:,} empty lines" if empty else ""),
-          file=sys.stderr)
+    print(f"rnnlm: {lines:,} {_plural(lines, 'line')}, {tokens_total:,} {_plural(tokens_total, 'token')} -> {out} "
+          f"({'x'.join(map(str, writer.shape))} per {'token' if pooling == 'none' else 'line'})"
+          + (f"; {empty:,} empty {_plural(empty, 'line')}" if empty else ""), file=sys.stderr)
     return summary
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{noun}s"
 
 
 def _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total):
@@ -305,7 +313,7 @@ def _flush(block, writer, sink, batch_size, decode, lines, empty, tokens_total):
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.embed``."""
-    parser = argparse.ArgumentParser(prog="python -m rnnlm.embed", description=__doc__,
+    parser = ArgumentParser(prog="python -m rnnlm.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="A language model (what rnnlm.load reads) or a classifier checkpoint of rnnlm.classify.")

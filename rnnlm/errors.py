@@ -8,7 +8,9 @@ traceback, which only helps someone debugging rnnlm itself, is shown when ``RNNL
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,15 +40,46 @@ def check_probability(name: str, value: object, error: type[UserError] = ConfigE
         raise error(f"{name} must be a probability in [0, 1), got {value!r}.")
 
 
+# What to do about an operating-system error, by its errno: the message names the path, this says the way out.
+_OS_ADVICE = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "choose a place you can read and write, or change its permissions",
+    errno.EPERM: "choose a place you can read and write, or change its permissions",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOSPC: "free space on that disk or write elsewhere; nothing under its final name was left half-written",
+    errno.EDQUOT: "your disk quota is used up: free space or write elsewhere",
+    errno.EROFS: "that file system is read-only: write elsewhere",
+    errno.EEXIST: "choose another name, or remove it first",
+}
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
-    """The :class:`UserError` behind ``exc``, if any (Lightning and jsonargparse wrap the exceptions they see)."""
+    """The :class:`UserError` behind ``exc``, if any (Lightning and jsonargparse wrap the exceptions they see);
+    an operating-system error (a missing file, no permission, a full disk), undecodable text or a failed allocation
+    becomes one, with the path and what to do."""
     seen = set()
+    chain = []
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
             return exc
+        chain.append(exc)
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.errno in _OS_ADVICE:
+            where = f" {exc.filename}" if exc.filename else ""
+            return UserError(f"{exc.strerror or exc}:{where}: {_OS_ADVICE[exc.errno]}.")
+        if isinstance(exc, UnicodeDecodeError):
+            return UserError(f"The input is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it first, e.g. "
+                             "`iconv -f LATIN1 -t UTF-8 FILE > FILE.utf8`.")
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _ALLOCATION.search(str(exc))):
+            return UserError("Not enough memory for this model or batch: lower the batch size or the model size, or "
+                             "check the settings (a hidden_size or vocab_size far too large?).")
     return None
+
+
+_ALLOCATION = re.compile(r"can't allocate memory|not enough memory|out of memory|DefaultCPUAllocator", re.I)
 
 
 def run_main(main: Callable[..., T], *args, **kwargs) -> T:

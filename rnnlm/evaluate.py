@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from rnnlm.commands import add_device_option, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.data.lm import LMDataModule
 from rnnlm.errors import ConfigError, run_main
@@ -134,7 +134,7 @@ def evaluate(
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m rnnlm.evaluate", description=__doc__)
+    p = ArgumentParser(prog="python -m rnnlm.evaluate", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])

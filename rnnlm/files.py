@@ -1,10 +1,12 @@
-"""Writing files so that a reader sees either the old file or the complete new one, never half of it; and reading
-checkpoints so that loading one runs no code.
+"""Writing files so that a reader sees either the old file or the complete new one, never half of it; checking an
+output location before anything is written; and reading checkpoints so that loading one runs no code.
 
-Every file rnnlm writes for later runs (token ids and their record, tokenizers, checkpoints, the built-in corpus)
-goes through here: the content is written to a temporary file beside the target, flushed to disk, and renamed over
-the target, which POSIX makes atomic within one file system (hence beside the target, not in /tmp). If writing
-fails the temporary file is removed and the old file, if any, is left as it was.
+Every file rnnlm writes (token ids and their record, tokenizers, checkpoints, the built-in corpus, the commands'
+outputs, exported folders) goes through here: the content is written to a temporary file beside the target,
+flushed to disk, and renamed over the target, which POSIX makes atomic within one file system (hence beside the
+target, not in /tmp). If writing fails the temporary file is removed and the old file, if any, is left as it was.
+A command checks its output with :func:`check_output` first, so that a mistake (a folder, the input itself, a
+place it cannot write) is refused before any work is done.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import secrets
 import struct
 import zipfile
@@ -23,6 +26,26 @@ import torch
 
 from rnnlm.errors import UserError
 
+_TEMPORARY = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp(\.\w+)?$")  # what temporary_name makes (and made before)
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path`` for its content while it is written, ending in ``path``'s suffix (writers such
+    as numpy's add their suffix to a name without it). Unique per process and call: processes or threads writing
+    the same target never share one; :func:`remove_stale_temporaries` recognises them."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write (``kill -9``, a lost node) left in ``folder``;
+    call it only while no other process can be writing there (e.g. holding the run's lock). Returns them."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        if tmp.is_file() and _TEMPORARY.match(tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -32,8 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` is left untouched.
     """
     path = Path(path)
-    # Unique per process and call: processes or threads writing the same target never share a temporary file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = temporary_name(path)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -59,6 +81,41 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Replace ``path`` by ``data`` (a ``str`` is written as UTF-8) in one step."""
     with atomic_open(path, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+class OutputError(UserError):
+    """An output location that cannot be written, or that would destroy something the user has."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> Path:
+    """The output file ``path`` (given as ``flag``), checked before anything is computed or written: not a folder,
+    not one of ``inputs`` (it would be lost before it is read), in a folder that exists or can be made, and
+    writable there."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise OutputError(f"{flag} {path} is a folder: give a file name inside it.")
+    for given in inputs:
+        if given not in (None, "-") and (_same_file(out, Path(given)) or out.resolve() == Path(given).resolve()):
+            raise OutputError(f"{flag} {path} is the input {given}: writing it would destroy what is being read. "
+                              "Choose another output file.")
+    parent = out.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{flag} {path}: {existing} is a file, not a folder.")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write in {existing} (permission denied). Choose a folder you can "
+                          "write to.")
+    if out.exists() and not os.access(out, os.W_OK) and not os.access(parent, os.W_OK):
+        raise OutputError(f"{flag} {path} exists and cannot be replaced (permission denied).")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

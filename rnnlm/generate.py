@@ -15,14 +15,14 @@ import argparse
 import json
 import secrets
 
-from rnnlm.commands import add_device_option, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, resolve_device
 from rnnlm.errors import run_main
 from rnnlm.sharing.lm import Sample, load
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.generate``."""
-    p = argparse.ArgumentParser(prog="python -m rnnlm.generate", description=__doc__)
+    p = ArgumentParser(prog="python -m rnnlm.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a .ckpt written by rnnlm.fit, a folder written by rnnlm.export, or a Hub model id OWNER/NAME")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rnnlm.commands import add_device_option, close_input, open_input, resolve_device
+from rnnlm.commands import ArgumentParser, add_device_option, close_input, open_input, resolve_device
 from rnnlm.cpu import flush_denormals, keep_freed_memory
-from rnnlm.errors import ConfigError, run_main
+from rnnlm.errors import ConfigError, UserError, run_main
 from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
 from rnnlm.sharing.lm import TrainedModel, load
 from rnnlm.text.sources import DataError
@@ -67,8 +67,36 @@ class Item:
     text: str
 
 
-def read_items(lines: Iterable[str], per: str = "line") -> Iterator[Item]:
-    """The items of an input given as lines (each with its newline, as a text file iterates)."""
+class Undecodable:
+    """Where the input stopped being UTF-8 (set by :func:`decoded_lines`): the items before it are still scored
+    and written, and the command then says where it stopped."""
+
+    def __init__(self) -> None:
+        self.line: int | None = None
+        self.error: UnicodeDecodeError | None = None
+
+
+def decoded_lines(stream: TextIO, stop: Undecodable) -> Iterator[str]:
+    """The lines of a stream of :func:`~rnnlm.commands.open_input`, decoded one at a time: a text stream decodes
+    blocks of several kilobytes, so the lines before a bad byte in the same block would be lost with it. At an
+    undecodable line the lines end, and ``stop`` says which."""
+    raw = getattr(stream, "buffer", None)
+    if raw is None:  # a stream of text already (standard input replaced by a StringIO)
+        yield from stream
+        return
+    for n, line in enumerate(raw, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            stop.line, stop.error = n, err
+            return
+        # Universal newlines, as the text stream reads them: \r\n and a lone \r end a line too.
+        yield from text.replace("\r\n", "\n").replace("\r", "\n").splitlines(keepends=True)
+
+
+def read_items(lines: Iterable[str], per: str = "line", stop: Undecodable | None = None) -> Iterator[Item]:
+    """The items of an input given as lines (each with its newline, as a text file iterates). When the lines end
+    at an undecodable byte (``stop``), a paragraph or document they end inside is left out: it is incomplete."""
     if per not in PER:
         raise ConfigError(f"Unknown --per {per!r}; choose one of {', '.join(PER)}.")
     if per == "line":
@@ -83,11 +111,11 @@ def read_items(lines: Iterable[str], per: str = "line") -> Iterator[Item]:
             elif block:
                 yield Item(index, start, "\n".join(block))
                 index, block = index + 1, []
-        if block:
+        if block and not (stop and stop.line):
             yield Item(index, start, "\n".join(block))
     else:
         text = "".join(lines)
-        if text:
+        if text and not (stop and stop.line):
             yield Item(0, 1, text)
 
 
@@ -286,6 +314,10 @@ def write_scores(
         results = scores(trained, [item.text for item in window], batch_size, directions, end)
         for item, result in zip(window, results, strict=True):
             record = {"index": item.index, "line": item.line, **result}
+            if not math.isfinite(record["logprob"]):
+                raise UserError(f"The model gave line {item.line} a log-probability of {record['logprob']}: its "
+                                "weights are not finite (a damaged checkpoint, or a diverged run). Score with another "
+                                "checkpoint; the lines before it were written.")
             if include_text:
                 record["text"] = item.text
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -300,7 +332,7 @@ def write_scores(
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m rnnlm.score``."""
-    p = argparse.ArgumentParser(prog="python -m rnnlm.score", description=__doc__,
+    p = ArgumentParser(prog="python -m rnnlm.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the model: anything rnnlm.load reads (a .ckpt file "
                    "written by rnnlm.fit)")
@@ -329,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     stream, name = open_input(args.input, DataError)
-    show_progress = sys.stderr.isatty()
+    stop = Undecodable()
+    interactive = sys.stderr.isatty()  # elsewhere (a log, a batch job) the bar still shows life, every 30 s
     try:
         trained = load(args.checkpoint, map_location=device)
         if args.direction is None:
@@ -337,18 +370,23 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             directions = DIRECTIONS if args.direction == "both" else (args.direction,)
         check_directions(trained, directions)
-        total = _count_lines(args.input) if show_progress and args.input != "-" and args.per == "line" else None
+        total = _count_lines(args.input) if args.input != "-" and args.per == "line" else None
         start = time.perf_counter()
         with tqdm(total=total, unit=args.per, file=sys.stderr, delay=2.0, dynamic_ncols=True,
-                  disable=not show_progress) as bar:
-            totals = write_scores(trained, read_items(stream, args.per), sys.stdout, args.batch_size, directions,
-                                  args.end, args.include_text, bar)
+                  mininterval=0.5 if interactive else 30.0) as bar:
+            items = read_items(decoded_lines(stream, stop), args.per, stop)
+            totals = write_scores(trained, items, sys.stdout, args.batch_size, directions, args.end,
+                                  args.include_text, bar)
         seconds = time.perf_counter() - start
-    except UnicodeDecodeError as err:
-        raise DataError(f"{name} is not UTF-8 text ({err}). Convert it first, e.g. with iconv -f LATIN1 -t UTF-8 "
-                        "(the items before the undecodable byte were written).") from None
     finally:
         close_input(stream)
+    if stop.line is not None:
+        done = totals["items"]
+        written = (f"the {done:,} {_plural(done, args.per)} before it {'was' if done == 1 else 'were'} written"
+                   if done else "nothing was written")
+        raise DataError(f"{name} is not UTF-8 text: line {stop.line} has a byte that cannot be decoded "
+                        f"({stop.error.reason}, byte {stop.error.start + 1} of the line); {written}. Convert it "
+                        "first, e.g. with iconv -f LATIN1 -t UTF-8.")
     if totals["items"] == 0:
         what = "paragraph (blank lines make none)" if args.per == "paragraph" else args.per
         raise DataError(f"{name} is empty: there is nothing to score. Give text with one item per {what}.")
@@ -364,16 +402,20 @@ def main(argv: list[str] | None = None) -> dict:
         "items_per_second": totals["items"] / seconds,
         "tokens_per_second": totals["tokens"] / seconds,
     }
-    noun = {"line": "lines", "paragraph": "paragraphs", "document": "documents"}[args.per]
+    noun = _plural(result["items"], args.per)
     print(
         f"rnnlm.score: {result['items']:,} {noun}, {result['tokens']:,} tokens, {result['characters']:,} characters\n"
         f"  loss {_fmt(result['loss'])} nats/token, perplexity {_fmt(result['ppl'], 2)}, "
         f"{_fmt(result['bpc'])} bits/char\n"
-        f"  {seconds:.2f} s: {result['items_per_second']:,.0f} {noun}/s, {result['tokens_per_second']:,.0f} "
+        f"  {seconds:.2f} s: {result['items_per_second']:,.0f} {args.per}s/s, {result['tokens_per_second']:,.0f} "
         "tokens/s\n" + json.dumps(result),
         file=sys.stderr, flush=True,
     )
     return result
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{noun}s"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -20,6 +20,7 @@ from rnnlm.errors import ConfigError, UserError
 from rnnlm.network.classifier import Classifier, concat_pool, reverse_texts
 from rnnlm.network.config import CELLS, RNNLMConfig
 from rnnlm.sharing.classifier import load
+from rnnlm.sharing.folders import FILES
 from rnnlm.text.batching import make_batch
 from rnnlm.text.sources import DataError
 from rnnlm.text.tokenization import TokenizerError
@@ -429,15 +430,18 @@ def test_cli_trains_from_a_pretrained_lm_then_predicts_evaluates_and_exports(tmp
 
     exported = export_main(["--checkpoint", best, "--out", str(tmp_path / "exported")])
     assert exported["logits_identical"] and exported["max_abs_logit_diff"] == 0.0
-    assert sorted(exported["files"]) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(exported["files"]) == sorted(FILES)
     settings = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert settings["task"] == "classification" and settings["classifier"]["labels"] == [0, 1]
     card = (tmp_path / "exported" / "README.md").read_text()
-    assert "pipeline_tag: text-classification" in card and f"Fine-tuned from the language model `{pretrained}`" in card
-    assert f"| validation | {val_accuracy:.4f} |" in card and "| test |" in card
+    assert "pipeline_tag: text-classification" in card
+    assert f"Fine-tuned from the local language model `{Path(pretrained).name}`." in card
+    assert str(pretrained) not in card and str(tmp_path) not in card
+    assert f"| validation | {val_accuracy:.4f} |" in card and f"| test (`{Path(best).name}`" in card
     assert "rnnlm.classify predict --checkpoint" in card
-    by_folder = main(["evaluate", "--checkpoint", str(tmp_path / "exported")])
-    by_ckpt = main(["evaluate", "--checkpoint", best])
+    # The folder names its local data by base name only (no path of this machine): the data is given.
+    by_folder = main(["evaluate", "--checkpoint", str(tmp_path / "exported"), "--source", str(folder)])
+    by_ckpt = main(["evaluate", "--checkpoint", best, "--source", str(folder)])
     assert by_folder["accuracy"] == by_ckpt["accuracy"] and by_folder["loss"] == by_ckpt["loss"]
     main(["predict", "--checkpoint", str(tmp_path / "exported"), "--input", str(tmp_path / "in.txt"),
           "--output", str(tmp_path / "out2.jsonl")])

@@ -51,16 +51,18 @@ def _ids(lm, text: str) -> torch.Tensor:
     return torch.tensor([[lm.encoder.separator, *lm.encoder.encode_text(text)]])
 
 
-def test_per_token_states_of_a_forward_lm_to_parquet(forward_lm, lines, tmp_path):
+def test_per_token_states_of_a_forward_lm_to_parquet(forward_lm, lines, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     summary = main(["--checkpoint", str(forward_lm), "--input", str(lines), "--out", str(tmp_path / "f.parquet"),
                     "--batch_size", "2"])
     assert summary["lines"] == 4 and summary["empty"] == 1
+    assert "; 1 empty line\n" in capsys.readouterr().err  # not "1 empty lines"
     table = pq.read_table(tmp_path / "f.parquet")
     assert table.column_names == ["line", "tokens", "states"]
     assert json.loads(table.schema.metadata[b"rnnlm"])["shape"] == [16]
     rows = table.to_pylist()
+    assert [row["line"] for row in rows] == [1, 2, 3, 4]  # numbered from 1, as rnnlm.score numbers them
     lm = rnnlm.load(forward_lm)
     for row, text in zip(rows, LINES, strict=True):
         assert "".join(row["tokens"]) == text

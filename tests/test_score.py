@@ -258,6 +258,29 @@ def test_an_empty_input_is_a_clear_error(trained, tmp_path, capsys):
         score.main(["--checkpoint", str(trained[0]), "--input", str(blank), "--direction", "backward"])
 
 
+def test_the_lines_before_an_undecodable_byte_are_written(trained, tmp_path, capsys):
+    """The message says that the items before the bad byte were written: they are, every one of them (a text
+    stream decoding blocks of 8 KB would lose those in the bad byte's block), and the count is given."""
+    capsys.readouterr()
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"the cat sat\r\na dog ran\n" + "café\n".encode("latin-1") + b"the end\n")
+    with pytest.raises(DataError, match=r"line 3 has a byte .*; the 2 lines before it were written\."):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(mixed)])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["line"], r["characters"]) for r in records] == [(1, 12), (2, 10)]
+    # A paragraph the bad byte falls in is incomplete: left out, and the message counts only what was written.
+    with pytest.raises(DataError, match="nothing was written"):
+        score.main(["--checkpoint", str(trained[0]), "--input", str(mixed), "--per", "paragraph"])
+    assert capsys.readouterr().out == ""
+
+
+def test_one_item_is_one_line_not_one_lines(trained, tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("the cat sat\n")
+    score.main(["--checkpoint", str(trained[0]), "--input", str(one)])
+    assert "rnnlm.score: 1 line, " in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_entry_point_pipes(trained, tmp_path):
     path, lines = trained

@@ -31,7 +31,7 @@ from rnnlm.sharing.export import export, logits_difference
 from rnnlm.sharing.folders import FILES, PretrainedError, write_folder
 from rnnlm.sharing.lm import TrainedModel
 from rnnlm.sharing.transfer import convert_layout, transfer, vocabulary_map
-from rnnlm.text.tokenization import Encoder, char_tokenizer, word_tokenizer
+from rnnlm.text.tokenization import Encoder, char_tokenizer, same_tokenizer, word_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog\n"
 
@@ -116,7 +116,10 @@ def test_every_model_kind_exports_with_bit_identical_logits(kind, tmp_path):
     # Shared tensors are stored once and stay shared after loading.
     if from_ckpt.config.tie_weights:
         assert from_folder.model.decoder.weight is from_folder.model.embedding.weight
-    assert from_folder.tokenizer.to_str() == from_ckpt.tokenizer.to_str()
+    # The exported tokenizer marks its special tokens for transformers and reads every text as before.
+    assert same_tokenizer(from_folder.tokenizer, from_ckpt.tokenizer)
+    texts = [TEXT, "<unk> <eos>"]
+    assert from_folder.encoder.encode(texts).tolist() == from_ckpt.encoder.encode(texts).tolist()
     assert from_folder.data == {k: v for k, v in from_ckpt.data.items() if k != "cache_dir"}
     assert from_folder.sample("the ", max_new_tokens=20, seed=3) == from_ckpt.sample("the ", max_new_tokens=20, seed=3)
 
@@ -487,14 +490,17 @@ def test_fine_tuning_starts_at_the_pretrained_loss_and_trains_on(pretrained, tmp
     # An export of the fine-tuned model says where it came from.
     export(str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"), str(tmp_path / "tuned"))
     card = (tmp_path / "tuned" / "README.md").read_text()
-    assert f"Fine-tuned from `{pretrained[source]}` (its tokenizer)." in card
-    assert "base_model" not in card  # a local path, not a Hub model
+    # A local path, not a Hub model: named by its base name only, and no base_model in the metadata.
+    assert f"Fine-tuned from the local model `{Path(pretrained[source]).name}` (its tokenizer)." in card
+    assert "base_model" not in card and str(pretrained[source]) not in card
 
 
 def test_evaluate_reads_an_exported_folder_as_it_reads_the_checkpoint(pretrained):
     from rnnlm.evaluate import evaluate
 
-    by_folder = evaluate(str(pretrained["folder"]), split="validation", batch_size=4, accelerator="cpu")
+    # The folder names its local training data by base name only (no path of this machine): the data is given.
+    by_folder = evaluate(str(pretrained["folder"]), split="validation", source=str(pretrained["corpus"]),
+                         batch_size=4, accelerator="cpu")
     by_ckpt = evaluate(pretrained["ckpt"], split="validation", batch_size=4, accelerator="cpu")
     assert by_folder["loss"] == by_ckpt["loss"] == pretrained["val_loss"]
     assert by_folder["bpc"] == by_ckpt["bpc"] and by_folder["tokens"] == by_ckpt["tokens"]

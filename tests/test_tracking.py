@@ -250,10 +250,12 @@ def test_a_sweep_agents_run_is_used_as_it_is(corpus_dir, tmp_path):
     own = fit_args(tmp_path, corpus_dir, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
                    "--trainer.limit_test_batches", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
                    tiny=False)[2:]  # without its --config: the sweep's command has one
-    expand = {"${env}": ["/usr/bin/env"], "${interpreter}": [sys.executable], "${args}": [*own, *flags]}
+    # ${interpreter} is a bare `python` found on PATH (wandb_agent.py): the venv must be active, as the sweep says.
+    expand = {"${env}": ["/usr/bin/env"], "${interpreter}": ["python"], "${args}": [*own, *flags]}
     cmd = [part for piece in sweep["command"] for part in expand.get(piece, [piece])]
     cmd = [str(ROOT / part) if part.endswith(".yaml") else part for part in cmd]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": run_id,
+    active = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # venv active
+    env = {**os.environ, **active, "WANDB_MODE": "offline", "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": run_id,
            "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -322,7 +324,8 @@ def test_log_model_logs_the_exported_folder_as_a_model_artifact(corpus_dir, tmp_
     card = (folder / "README.md").read_text()
     run_name = cli.trainer.logger.experiment.name
     assert run_name.startswith("quickstart-") and f"Run `{run_name}` (id `{run_id}`" in card
-    assert f"| validation | {saved['val']['loss']:.4f} |" in card and f"| test | {saved['test']['loss']:.4f} |" in card
+    tested = f"| test (`{Path(best).name}`, step {saved['test']['step']:,}) | {saved['test']['loss']:.4f} |"
+    assert f"| validation | {saved['val']['loss']:.4f} |" in card and tested in card
     assert f"{cli.datamodule.stats['train']['tokens']:,} tokens" in card
     assert "configs/quickstart.yaml" in card and "library_name: rnnlm" in card
     for unknown in ("None", "null", "TODO", "More Information Needed", "[", "?"):

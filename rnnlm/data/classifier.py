@@ -281,7 +281,7 @@ class ClassificationDataModule(TextDataModule):
         return {} if hp.delimiter is None else {"delimiter": hp.delimiter}
 
     def _raw_splits(self) -> dict:
-        import datasets
+        import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
         hp = self.hparams
         raw, _ = load_raw(hp.source, hp.config_name, "document", self.cache_dir, options=self._load_options(),
@@ -316,7 +316,7 @@ class ClassificationDataModule(TextDataModule):
         """Read the source, fix the classes and the tokenizer, and tokenize every split (once)."""
         if self._classes is not None:
             return
-        import datasets
+        import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
         hp = self.hparams
         raw = self._raw_splits()
@@ -343,10 +343,14 @@ class ClassificationDataModule(TextDataModule):
                 rank_zero_info(f"rnnlm data: the {split} split of {hp.source} has no labelled text "
                                f"({skipped['empty_text']} empty, {skipped['no_label']} unlabelled): left out")
                 continue
+            if not texts and skipped["empty_text"] and not skipped["no_label"]:
+                raise DataError(f"Every text of the {split} split of {hp.source!r} is empty "
+                                f"({skipped['empty_text']:,} rows): there is nothing to classify in it. Check that "
+                                f"data.text_field ({hp.text_field!r}) is the column that holds the texts.")
             if not texts:
                 raise DataError(
-                    f"The {split} split of {hp.source!r} holds no usable row: {skipped['empty_text']} empty texts and "
-                    f"{skipped['no_label']} rows without a label. Check data.text_field and data.label_field."
+                    f"The {split} split of {hp.source!r} holds no usable row: {skipped['empty_text']:,} empty texts "
+                    f"and {skipped['no_label']:,} rows without a label. Check data.text_field and data.label_field."
                 )
             rows[split] = (texts, labels)
             self._stats[split] = {"rows": len(texts), "skipped_empty_text": skipped["empty_text"],
@@ -396,7 +400,7 @@ class ClassificationDataModule(TextDataModule):
                 raise DataError(
                     f"The {split} split has labels {unknown} that the training split never shows (its classes: "
                     f"{classes}); the model could never predict them. Fix the labels, or list every class in "
-                    "data.labels."
+                    "data.label_order."
                 )
         return classes
 

@@ -190,6 +190,18 @@ class RNNLMConfig:
         locked_between = self.locked_dropout and self.dropout_between > 0 and self.num_layers > 1
         return len(set(self.layer_sizes)) > 1 or self.weight_drop > 0 or locked_between
 
+    def approximate_parameters(self) -> int:
+        """An upper bound of the parameter count, from the settings alone: what building the model would
+        allocate, known before it is built (a config from a file may ask for far more memory than there is)."""
+        gates = {"lstm": 4, "gru": 3}.get(self.cell, 1)
+        width = self.vocab_size if self.input_mode == "one_hot" else self.embedding_dim
+        total = 0 if self.input_mode == "one_hot" else self.vocab_size * self.embedding_dim
+        for size in self.layer_sizes:
+            total += gates * size * (width + size + 2)
+            width = size
+        total += self.vocab_size * (width + 1) + width * self.embedding_dim  # decoder, and a tying projection
+        return total * (2 if self.bidirectional else 1)
+
     def architecture(self) -> dict:
         """The settings that give the weights their shapes and meaning (dropouts and how the loss is computed
         excluded): two models can share weights exactly when these agree."""

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlm.cpu import rnn_kernels_for_autocast
+from rnnlm.errors import ConfigError
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.network.head import auto_block_rows, linear_cross_entropy
 
@@ -426,6 +427,9 @@ class RNNLM(nn.Module):
         _check_sampling(temperature, top_k, top_p)
         out = self(prompt)
         logits, state = out.logits[:, -1], out.state
+        if not bool(torch.isfinite(logits).all()):  # once per call: damaged weights, not one bad step
+            raise ConfigError("The model's outputs are not finite (NaN or inf): its weights are damaged or the run "
+                              "that wrote them diverged. Sample from another checkpoint.")
         if num_samples > 1:
             logits = logits.repeat_interleave(num_samples, dim=0)
             state = map_state(lambda t: t.repeat_interleave(num_samples, dim=1), state)

@@ -8,6 +8,8 @@ never runs code (``rnnlm.files.load_safely`` reads with ``weights_only=True``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rnnlm.errors import ConfigError
@@ -39,8 +41,16 @@ def checked_config(checkpoint: dict, path: str) -> RNNLMConfig:
     extra = checkpoint.get("rnnlm")
     if not isinstance(extra, dict) or not extra.get("tokenizer") or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"{path!r} is not an rnnlm checkpoint (it lacks the model settings and tokenizer).")
+    if is_classifier_checkpoint(checkpoint):
+        raise CheckpointError(
+            f"{path!r} is a text classifier's checkpoint (written by rnnlm.classify), not a language model's: "
+            "python -m rnnlm.classify predict / evaluate and rnnlm.sharing.classifier.load read it. To start a "
+            "classifier from a language model, give the language model's checkpoint."
+        )
     try:
-        return config_of_checkpoint(checkpoint)
+        config = config_of_checkpoint(checkpoint)
+        check_size(config, path)
+        return config
     except ConfigError as err:
         raise CheckpointError(f"The model settings in {path!r} cannot be used: {err}") from None
 
@@ -59,3 +69,19 @@ def load_module_weights(model: torch.nn.Module, checkpoint: dict, path: str) -> 
 def data_settings(checkpoint: dict) -> dict:
     """The data module's settings saved in a checkpoint (Lightning's private entries left out)."""
     return {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+
+
+def check_size(config: RNNLMConfig, where: str) -> None:
+    """Refuse, before a tensor is allocated, settings whose model would not fit in this machine's memory: a
+    damaged or hand-edited file (``hidden_size`` 10^7) would otherwise end in a crash rather than a message."""
+    needed = 4 * config.approximate_parameters()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every system reports it
+        return
+    if needed > memory:
+        raise ConfigError(
+            f"the model settings of {where} ask for about {needed / 2**30:,.0f} GiB of weights (vocab_size "
+            f"{config.vocab_size:,}, hidden sizes {list(config.layer_sizes)}), more than this machine's "
+            f"{memory / 2**30:,.0f} GiB: the file is damaged or its settings are wrong."
+        )

@@ -23,7 +23,7 @@ from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError, load_safely
 from rnnlm.network.classifier import HEAD_DROPOUT, HEAD_HIDDEN, POOL_DROPOUT, Classifier
 from rnnlm.network.config import RNNLMConfig
-from rnnlm.sharing.checkpoints import data_settings, is_classifier_checkpoint, load_module_weights
+from rnnlm.sharing.checkpoints import check_size, data_settings, is_classifier_checkpoint, load_module_weights
 from rnnlm.sharing.folders import (
     CLASSIFIER,
     CONFIG_FILE,
@@ -124,6 +124,7 @@ def from_checkpoint(checkpoint: dict, path: str, map_location: str | torch.devic
     hparams = checkpoint.get("hyper_parameters", {})
     try:
         config = RNNLMConfig.from_dict(dict(hparams["config"]))
+        check_size(config, path)
         model = Classifier(config, len(hparams["labels"]), hparams.get("head_hidden", HEAD_HIDDEN),
                            hparams.get("pool_dropout", POOL_DROPOUT), hparams.get("head_dropout", HEAD_DROPOUT))
     except (KeyError, ConfigError) as err:

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from rnnlm.sharing.folders import FILES, PretrainedError
+from rnnlm.sharing.folders import FILES, ONNX_FILE, PretrainedError
 from rnnlm.version import __version__
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,7 +40,7 @@ def locate(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, P
 def download(repo_id: str, revision: str | None = None) -> Path:
     """The files of an exported model on the Hub, downloaded and cached by ``huggingface_hub`` (a cached copy is
     used when there is no network or ``HF_HUB_OFFLINE=1``)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: ~0.5 s to import; local models never need it
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -51,7 +51,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
     local = f"(there is no local file or folder named {repo_id!r} either)"
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(FILES),
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[*FILES, ONNX_FILE],
                                    library_name="rnnlm", library_version=__version__)
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -80,7 +80,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def _hub_cache() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: ~0.5 s to import; local models never need it
 
     return str(constants.HF_HUB_CACHE)
 
@@ -88,14 +88,15 @@ def _hub_cache() -> str:
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, kept: bool = True) -> str:
     """Upload an exported folder to the Hub model repo ``repo_id`` (created if needed); return its URL. ``kept``:
     whether the folder stays after a failed push (an error then says how to push it later)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # deferred: ~0.5 s to import; local models never need it
     from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     api = HfApi(library_name="rnnlm", library_version=__version__)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          allow_patterns=list(FILES), commit_message=f"Upload rnnlm model (rnnlm {__version__})")
+                          allow_patterns=[*FILES, ONNX_FILE],
+                          commit_message=f"Upload rnnlm model (rnnlm {__version__})")
     except OfflineModeIsEnabled:
         why = "HF_HUB_OFFLINE is set"
     except LocalTokenNotFoundError:

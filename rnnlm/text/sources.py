@@ -68,7 +68,7 @@ def python_docs(cache_dir: Path) -> Path:
     About 0.47 M characters of real English technical prose and code, one document per topic; written once
     as JSON lines so it goes through the same local-file path as any user corpus.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # deferred: a 0.7 MB module, read once to write the built-in corpus
 
     path = cache_dir / "corpora" / "python-docs" / "train.jsonl"
     content = "".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in sorted(topics))
@@ -142,7 +142,7 @@ def load_raw(source: str, config_name: str | None, sample_by: str, cache_dir: Pa
     Returns the data and, for a local source (file, folder, ``save_to_disk`` folder, built-in corpus), the hash of
     its files (:func:`hash_files`); None for a Hub dataset.
     """
-    import datasets
+    import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
     if sample_by not in SAMPLE_BY:
         raise DataError(f"Unknown sample_by {sample_by!r}; choose one of {', '.join(SAMPLE_BY)}.")
@@ -220,7 +220,7 @@ def _check_not_empty(files: list[Path]) -> None:
 
 
 def _load_local(path: Path, builder: str, content: str, **kwargs):
-    import datasets
+    import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
     try:
         # datasets keeps the tables it converts a local file into, keyed by the file's path and modification time:
@@ -253,7 +253,7 @@ def load_corpus(
     With ``streaming=True`` the splits are read lazily (``datasets.IterableDataset``); carving needs the whole text,
     so a streamed source must have its own validation and test splits (or the fractions must be 0).
     """
-    import datasets
+    import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
@@ -357,7 +357,7 @@ def carve_by_characters(ds, fractions: list[float]) -> list:
     Cuts fall at a character position, splitting a document in two where needed, so that even a corpus that is
     a single document (tinyshakespeare) can be carved.
     """
-    import datasets
+    import datasets  # deferred: ~1 s to import, and only reading a source needs it
 
     lengths = _n_chars(ds)
     ends = np.cumsum(lengths)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from rnnlm.errors import UserError
 
@@ -334,6 +334,23 @@ class Encoder:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+def _model_ids(spec: dict) -> dict[str, int]:
+    """The model's own vocabulary (added tokens aside): token -> id."""
+    vocab = spec.get("model", {}).get("vocab") or {}
+    if isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id being the position
+        return {piece: i for i, (piece, _) in enumerate(vocab)}
+    return dict(vocab)
+
+
+def _added_that_change_ids(spec: dict) -> list[tuple[int, str]]:
+    """The added tokens that can change what text encodes to. A special token that is already the model's own
+    entry with the same id changes nothing: the Encoder reads special tokens spelled out in text as text
+    (``encode_special_tokens``), so marking it special only tells decoders and transformers what it is."""
+    ids = _model_ids(spec)
+    return [(t["id"], t["content"]) for t in spec.get("added_tokens") or []
+            if not (t.get("special") and ids.get(t["content"]) == t["id"])]
+
+
 def _is_char_level(spec: dict) -> bool:
     pre = spec.get("pre_tokenizer") or {}
     return (
@@ -342,7 +359,7 @@ def _is_char_level(spec: dict) -> bool:
         and pre.get("type") == "Split"
         and pre.get("pattern") == {"String": ""}
         and pre.get("behavior") == "Isolated"
-        and not spec.get("added_tokens")
+        and not _added_that_change_ids(spec)
     )
 
 
@@ -388,7 +405,63 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     if a.get_vocab(with_added_tokens=True) != b.get_vocab(with_added_tokens=True):
         return False
     sa, sb = json.loads(a.to_str()), json.loads(b.to_str())
-    return all(sa.get(k) == sb.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens"))
+    same = all(sa.get(k) == sb.get(k) for k in ("normalizer", "pre_tokenizer", "model"))
+    return same and _added_that_change_ids(sa) == _added_that_change_ids(sb)
+
+
+# --------------------------------------------------------------------------------------------- for transformers
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """What transformers calls the tokenizer's special tokens: the separator is the end of a text (``eos``), what
+    a text starts after (``bos``: rnnlm reads every document after one) and the padding (``pad``: rnnlm's
+    classifier pads with it, and padding is masked out); ``unk`` is the model's unknown token, when it has one
+    (byte-level and BPE tokenizers have none)."""
+    spec = json.loads(tokenizer.to_str())
+    ids = _model_ids(spec)
+    known = {t["content"] for t in spec.get("added_tokens") or []} | set(ids)
+    separator = next((name for name in _KNOWN_SEPARATORS if name in known), None)
+    if separator is None:
+        raise TokenizerError("The tokenizer has no document separator: give it to rnnlm's Encoder first, which adds "
+                             f"{EOS}.")
+    names = {"bos_token": separator, "eos_token": separator, "pad_token": separator}
+    model = spec.get("model", {})
+    unk = model.get("unk_token")
+    if unk is None and isinstance(model.get("unk_id"), int):
+        unk = tokenizer.id_to_token(model["unk_id"])
+    if unk is not None and tokenizer.token_to_id(unk) is not None:
+        names["unk_token"] = unk
+    return names
+
+
+def with_special_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of ``tokenizer`` that says which of its tokens are special (:func:`special_tokens`), for
+    transformers: marked special among its added tokens, so that ``decode(..., skip_special_tokens=True)`` drops
+    them, and a post-processor that puts the separator before a text when special tokens are asked for
+    (``add_special_tokens=True``, transformers' default), as rnnlm reads every text after it.
+
+    No id changes: each special token keeps the id it has in the vocabulary, and text encodes as before when
+    special tokens spelled out in it are read as text (rnnlm's Encoder does so; transformers does with
+    ``split_special_tokens=True``, which the exported tokenizer_config.json sets).
+    """
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    names = special_tokens(copy)
+    before = copy.get_vocab(with_added_tokens=True)
+    present = {t["content"] for t in json.loads(copy.to_str()).get("added_tokens") or []}
+    for token in dict.fromkeys(names.values()):
+        if token not in present:  # an added token already there keeps its settings
+            copy.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    spec = json.loads(copy.to_str())
+    for entry in spec["added_tokens"]:
+        if entry["content"] in names.values():
+            entry["special"] = True
+    copy = Tokenizer.from_str(json.dumps(spec))
+    if copy.get_vocab(with_added_tokens=True) != before:
+        raise RuntimeError("Marking the special tokens changed the tokenizer's vocabulary.")
+    separator = names["bos_token"]
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{separator} $A", pair=f"{separator} $A {separator} $B:1",
+        special_tokens=[(separator, copy.token_to_id(separator))],
+    )
+    return copy
 
 
 def describe_tokenizer(tokenizer: Tokenizer, setting: str | None = None) -> str:

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric, MetricCollection
@@ -162,8 +163,6 @@ class TextClassifier(L.LightningModule):
         if list(classes) != self.labels:
             raise ConfigError(f"The data's classes {list(classes)} differ from the model's labels {self.labels}.")
         vocab = self.model.config.vocab_size
-        from tokenizers import Tokenizer
-
         size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
         if size > vocab:
             raise TokenizerError(f"The data's tokenizer has {size} tokens but the encoder reads only {vocab}.")
@@ -280,7 +279,7 @@ class TextClassifier(L.LightningModule):
         for logger in self.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            import wandb
+            import wandb  # deferred: heavy, needed only with a W&B logger
 
             names = [str(label) for label in self.labels]
             rows = [[names[i], names[j], int(counts[i, j])] for i in range(len(names)) for j in range(len(names))]

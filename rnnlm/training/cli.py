@@ -4,16 +4,23 @@ and an exit status on a stop or a fault), ``--ckpt_path last`` and W&B run namin
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import difflib
 import json
 import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
+from filelock import FileLock, Timeout
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from rnnlm.cpu import flush_denormals, keep_freed_memory
 from rnnlm.errors import ConfigError
-from rnnlm.files import CheckpointError, load_safely, save_atomically
+from rnnlm.files import CheckpointError, load_safely, remove_stale_temporaries, save_atomically, write_atomically
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.sharing.export import export
 from rnnlm.sharing.transfer import take_pretrained_settings, tokenizer_source
@@ -48,12 +55,20 @@ class RNNLMCLI(LightningCLI):
         self.raw_args = sys.argv[1:] if args is None else args
         _refuse_moved_settings(self.raw_args)
         _refuse_old_class_paths(self.raw_args)
+        _check_config_files(self.raw_args)
         if isinstance(self.raw_args, (list, tuple)):
             args = _default_logger_folder(list(self.raw_args))
-        super().parse_arguments(parser, args)
+        try:
+            with warnings.catch_warnings():
+                # Lightning warns whenever args are passed and sys.argv holds arguments too: here they are the same.
+                warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+                super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(_argument_error(parser, str(err))) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config
+        _check_ckpt_path(config)
         _find_last_checkpoint(config)
         self.use_pretrained(config)
         # A W&B run gets a name from its config file plus a timestamp, and writes under the run's own folder;
@@ -151,7 +166,8 @@ def train(cli_class: type[RNNLMCLI], module: type, data: type, command: str, des
     wandb_mode = choose_wandb_mode()
     existing_run = current_wandb_run()  # started by the caller: theirs to finish
     cli = cli_class(module, data, run=False, args=args, seed_everything_default=1234,
-                    save_config_kwargs={"overwrite": True}, parser_kwargs={"description": description}, **cli_kwargs)
+                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"description": description, "exit_on_error": False}, **cli_kwargs)
     run_training(cli, cli.datamodule.splits, command, args, wandb_mode, existing_run)
     return cli
 
@@ -173,13 +189,20 @@ def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None
                   f"upload it later with `wandb sync {run_dir}`", flush=True)
     if "validation" not in splits and trainer.checkpoint_callback is not None:
         trainer.checkpoint_callback.monitor = None  # nothing to monitor: keep the latest weights
+    lock = contextlib.ExitStack()
+    if _first_process():
+        lock.enter_context(run_lock(Path(trainer.default_root_dir), command))
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        for folder in {Path(trainer.default_root_dir), *([Path(dirpath)] if dirpath else [])}:
+            for stale in remove_stale_temporaries_under(folder):
+                print(f"rnnlm: removed {stale}, left by a checkpoint write that was killed", flush=True)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cli.config.test_after_fit and "test" in splits and not trainer.interrupted:
             trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
             if best and trainer.is_global_zero and "test" in model.measured:
-                record_test_metrics(best, model.measured["test"])
+                record_test_metrics(best, model.measured["test"], run_checkpoints(trainer))
         if trainer.is_global_zero and trainer.checkpoint_callback is not None:
             ckpt = trainer.checkpoint_callback
             shown = best or os.path.join(ckpt.dirpath, "last.ckpt")
@@ -202,10 +225,58 @@ def run_training(cli: LightningCLI, splits, command: str, args: list[str] | None
             print(f"rnnlm: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
+        lock.close()
         # One call of main is one run: close it, or a later run in the same process would write into it.
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger.experiment is not existing_run:
                 logger.experiment.finish()
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+RUN_LOCK = ".rnnlm-run.lock"
+
+
+def _first_process() -> bool:
+    """Whether this is the process that starts a run: not a DDP worker Lightning launched, not another task of
+    a multi-process job (they run in the folder the first one holds)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, command: str):
+    """Hold the run folder ``root`` for this process: a second run there (which would write the same
+    checkpoints) is refused, saying who holds it. The lock is the kernel's (released when the process ends, even
+    by ``kill -9``), so a stale lock never blocks a resubmitted job."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_LOCK
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((root / (RUN_LOCK + ".owner")).read_text(encoding="utf-8"))
+            who = f"process {owner['pid']} on {owner['host']} ({owner['command']}, started {owner['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise ConfigError(f"The run folder {root} is in use by {who}: two runs there would overwrite each other's "
+                          "checkpoints. Wait for it to finish, or give this run its own "
+                          "--trainer.default_root_dir.") from None
+    try:
+        write_atomically(root / (RUN_LOCK + ".owner"), json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temporaries_under(root: Path) -> list[Path]:
+    """The temporary files killed writers left anywhere in the run folder (checkpoints, exports), removed; safe
+    only while this run holds the folder."""
+    if not root.is_dir():
+        return []
+    folders = {root, *(p.parent for p in root.rglob(".*.tmp*"))}
+    return [p for folder in sorted(folders) for p in remove_stale_temporaries(folder)]
 
 
 # ------------------------------------------------------------------------------------------ W&B
@@ -226,7 +297,7 @@ def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and getattr(lg, "_log_model", False)]
     if not loggers or not checkpoint or not os.path.isfile(checkpoint):
         return
-    import wandb
+    import wandb  # deferred: heavy, and needed only when a W&B logger logs the model
 
 
     folder = Path(checkpoint).parent.parent / "model"
@@ -246,14 +317,32 @@ def log_exported_model(trainer: Trainer, checkpoint: str) -> None:
               flush=True)
 
 
-def record_test_metrics(path: str, metrics: dict) -> None:
-    """Add the test metrics to the checkpoint they were measured on, so that an export's model card has them."""
+def run_checkpoints(trainer: Trainer) -> list[str]:
+    """The checkpoint files this run's checkpoint callbacks keep (the best ones and last.ckpt)."""
+    paths: list[str] = []
+    for callback in trainer.checkpoint_callbacks:
+        paths += [str(p) for p in getattr(callback, "best_k_models", {})]
+        paths.append(str(getattr(callback, "last_model_path", "") or ""))
+    return [p for p in dict.fromkeys(paths) if p and os.path.isfile(p)]
+
+
+def record_test_metrics(measured_on: str, metrics: dict, checkpoints: list[str] | tuple[str, ...] = ()) -> None:
+    """Add the run's test result to the checkpoint it was measured on and to the run's other ``checkpoints``,
+    with that checkpoint's file name and step: an export of any checkpoint of the run (last.ckpt too, which the
+    README exports) then shows the run's test result, labelled with the weights it belongs to."""
     try:
-        checkpoint = load_safely(path)
+        step = peek_checkpoint(measured_on).get("global_step")
     except CheckpointError:
         return
-    checkpoint.setdefault("rnnlm", {}).setdefault("metrics", {})["test"] = dict(metrics)
-    save_atomically(checkpoint, path)
+    # The step of the checkpoint tested, not the trainer's: Lightning's test loop leaves global_step as fit ended.
+    result = {**metrics, "step": step, "checkpoint": os.path.basename(measured_on)}
+    for path in dict.fromkeys([measured_on, *checkpoints]):
+        try:
+            checkpoint = load_safely(path)
+        except CheckpointError:
+            continue
+        checkpoint.setdefault("rnnlm", {}).setdefault("metrics", {})["test"] = dict(result)
+        save_atomically(checkpoint, path)
 
 
 def plain(value: Any) -> Any:
@@ -289,8 +378,6 @@ def _explicit_settings(args, section: str) -> set[str]:
 
 def _yaml_value(value: str) -> Any:
     """A YAML file's content, or the value itself parsed as YAML."""
-    import yaml
-
     try:
         if os.path.isfile(value):
             with open(value, encoding="utf-8") as f:
@@ -308,6 +395,18 @@ def _saved_wandb_run(ckpt_path: str | None) -> dict | None:
         return peek_checkpoint(ckpt_path).get("rnnlm", {}).get("wandb_run")
     except CheckpointError:
         return None  # reported with its explanation when the Trainer loads it
+
+
+def _check_ckpt_path(config) -> None:
+    """``--ckpt_path`` names a checkpoint file (or ``last``, ``best``, ...): a folder is answered with the files
+    in it that could be meant."""
+    path = config.get("ckpt_path")
+    if path and os.path.isdir(path):
+        found = sorted(Path(path).rglob("*.ckpt"))
+        hint = (f" It holds {', '.join(str(p) for p in found[:3])}{' ...' if len(found) > 3 else ''}." if found
+                else " It holds no .ckpt file.")
+        raise ConfigError(f"--ckpt_path {path} is a folder: give a checkpoint file (.ckpt), or --ckpt_path last to "
+                          f"continue the newest checkpoint of the run in trainer.default_root_dir.{hint}")
 
 
 def _find_last_checkpoint(config) -> None:
@@ -442,9 +541,49 @@ def _refuse_old_class_paths(args) -> None:
         )
 
 
-def _yaml_section(path: str, section: str) -> dict:
-    import yaml
+def _argument_error(parser: LightningArgumentParser, message: str) -> str:
+    """The parser's complaint in one line, with the closest valid flag for each one it did not know."""
+    flags = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    hint = ""
+    if message.startswith("unrecognized arguments:"):
+        bad = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+        for flag in bad:
+            close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+            hint += f" Did you mean {close[0]} (for {flag})?" if close else ""
+    # jsonargparse explains a bad value over several indented lines: one line, cut where it starts repeating.
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip()) or "invalid arguments"
+    text = text if len(text) <= 400 else text[:397] + "..."
+    return f"{text.rstrip('.')}.{hint} See --help for every setting."
 
+
+def _check_config_files(args) -> None:
+    """A ``--config`` file that is missing or not valid YAML, named with the line of the mistake (the parser would
+    print its whole usage instead)."""
+    if not isinstance(args, (list, tuple)):
+        return
+    for i, arg in enumerate(args):
+        if not (arg == "--config" and i + 1 < len(args) or arg.startswith("--config=")):
+            continue
+        path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+        if not os.path.isfile(path):
+            raise ConfigError(f"The config file {path} does not exist" + (" (it is a folder)" if os.path.isdir(path)
+                              else "") + ": give a YAML file, e.g. configs/quickstart.yaml.")
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"The config file {path} is not valid YAML{where}: {what}.") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"The config file {path} is not UTF-8 text.") from None
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"The config file {path} must hold sections (trainer:, data:, model:, ...), not "
+                              f"a {type(content).__name__}.")
+
+
+def _yaml_section(path: str, section: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             content = yaml.safe_load(f)

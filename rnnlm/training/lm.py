@@ -24,7 +24,7 @@ from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.network.lm import DIRECTIONS, RNNLM, Output, State, detach_state, map_state, state_batch_size
-from rnnlm.sharing.checkpoints import config_of_checkpoint
+from rnnlm.sharing.checkpoints import config_of_checkpoint, is_classifier_checkpoint
 from rnnlm.sharing.transfer import PretrainedStart
 from rnnlm.text.streams import ChunkLoader
 from rnnlm.training.callbacks import ChunkLengthLR, NonFiniteGuard, TokensPerSecond, writing_step
@@ -362,6 +362,10 @@ class LanguageModel(L.LightningModule):
 
     def _check_compatible(self, checkpoint: dict) -> None:
         """Refuse, before any weight is touched, a checkpoint that does not belong to this run's model and data."""
+        if is_classifier_checkpoint(checkpoint):
+            raise CheckpointError("The checkpoint is a text classifier's (written by rnnlm.classify), not a language "
+                                  "model's: resume a classifier with python -m rnnlm.classify --ckpt_path, or resume "
+                                  "this run from one of its own checkpoints.")
         saved_tokenizer = checkpoint.get("rnnlm", {}).get("tokenizer")
         if self.tokenizer_json is not None and saved_tokenizer is not None and saved_tokenizer != self.tokenizer_json:
             saved, ours = Tokenizer.from_str(saved_tokenizer), Tokenizer.from_str(self.tokenizer_json)

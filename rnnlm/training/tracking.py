@@ -51,7 +51,7 @@ def read_wandb_records(path: str | Path) -> Iterator:
     (the LevelDB log layout: 4-byte checksum, 2-byte length, 1-byte type, payload; a record that does not fit
     in a block continues in the next one, and a block's tail shorter than a header is padding).
     """
-    from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2  # deferred: heavy, needed only to read an offline run back
 
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
