@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 from rnnlm.export import main as export_main
 from rnnlm.files import load_safely, save_atomically
-from rnnlm.training.cli import record_test_metrics
+from rnnlm.training.run import record_test_metrics
 
 TEST_METRICS = {"loss": 1.5, "ppl": 4.4817, "bits_per_token": 2.164, "bpc": 2.164}
 VAL_METRICS = {"step": 60, "loss": 1.6, "ppl": 4.953, "bits_per_token": 2.308, "bpc": 2.308}

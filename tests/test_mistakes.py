@@ -16,7 +16,7 @@ import torch
 from conftest import QUICKSTART, ROOT
 
 from rnnlm import classify, embed, evaluate, export, fit, generate, score
-from rnnlm.training import cli as training_cli
+from rnnlm.training.run import run_lock
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
@@ -192,7 +192,7 @@ def test_a_malformed_config_names_the_file_and_line(home, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ concurrency
 def test_a_second_run_in_a_busy_run_folder_is_refused_with_who_holds_it(home, tiny_lm_corpus, monkeypatch, capsys):
-    with training_cli.run_lock(home / "run", "rnnlm.fit"):
+    with run_lock(home / "run", "rnnlm.fit"):
         expect(fit, ["--config", QUICKSTART, "--data.source", tiny_lm_corpus, "--data.cache_dir", home / "cache",
                      "--trainer.default_root_dir", home / "run", "--trainer.logger", "false",
                      "--sample.max_new_tokens", "0"], "in use by process", home, monkeypatch, capsys)
