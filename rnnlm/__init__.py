@@ -21,7 +21,8 @@ the contract in pyproject.toml). Two stacks run through the layers side by side,
     text      sources, tokenizers, encoding, the token cache,   text.streams           text.batching
               streams, batching (no Lightning)
     network   config, RNN, fused head, pointer, the classifier  network.lm (RNNLM)     network.classifier
-              on an LM encoder (plain torch)                                           (Classifier)
+              on an LM encoder (plain torch), their                                    (Classifier)
+              from_pretrained / save_pretrained (pretrained)
     base      errors, files (atomic writes, safe reads), cpu, version, commands (what the faces share)
 
 ``text`` and ``network`` know nothing of each other. The data modules sit above sharing because fine-tuning reads

@@ -28,6 +28,11 @@ class ConfigError(UserError):
     """A setting that cannot work (out of range, contradicting another one, or unknown)."""
 
 
+class PretrainedError(UserError):
+    """A pretrained model (folder, Hub repo) that cannot be found or used. Here, below both, because the network's
+    ``from_pretrained`` and the sharing layer's loaders raise the same error for the same folder."""
+
+
 def check_positive_int(name: str, value: object, error: type[UserError] = ConfigError) -> None:
     """Refuse anything but a positive integer (``bool`` included, which Python counts as an int)."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

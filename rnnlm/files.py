@@ -16,7 +16,9 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +86,40 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ outputs
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A new private folder beside ``out`` to write a whole folder into; when the block finishes without an exception
+    its files are flushed to disk and it is renamed to ``out`` (replacing an ``out`` that exists, so callers check
+    first whether they may), so readers see the old folder or the complete new one. On an exception nothing is left.
+
+    Beside ``out``, not in /tmp: a rename is atomic only within one file system."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)  # safetensors writes its file private; the others are as usual
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class OutputError(UserError):
     """An output location that cannot be written, or that would destroy something the user has."""
 

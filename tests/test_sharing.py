@@ -190,11 +190,11 @@ def _truncate(path: Path) -> None:
 
 
 def test_a_safetensors_header_that_looks_like_a_pickle_opcode_is_not_refused(tmp_path):
-    from rnnlm.sharing.folders import _sniff_tensor_file
+    from rnnlm.network.pretrained import sniff_tensor_file
 
     path = tmp_path / "model.safetensors"  # a header of 384 = 0x180 bytes: the file begins with 0x80 0x01
     path.write_bytes(struct.pack("<Q", 384) + b"{" + b" " * 383)
-    _sniff_tensor_file(path)
+    sniff_tensor_file(path)
 
 
 def test_a_missing_tensor_is_named(exported, tmp_path):

@@ -24,9 +24,10 @@ import re
 import torch
 from torch import Tensor, nn
 
-from rnnlm.errors import ConfigError
+from rnnlm.errors import ConfigError, PretrainedError
 from rnnlm.network.config import DROPOUTS, RNNLMConfig
 from rnnlm.network.lm import DIRECTIONS, RNNLM
+from rnnlm.network.pretrained import CLASSIFIER, Pretrained, config_from_values
 
 # ULMFiT's head: 50 hidden units, dropout 0.4 on the pooled features and 0.1 before the last layer.
 HEAD_HIDDEN = 50
@@ -76,8 +77,11 @@ def scaled_dropouts(config: RNNLMConfig, scale: float) -> RNNLMConfig:
     return dataclasses.replace(config, **{name: getattr(config, name) * scale for name in DROPOUTS})
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, Pretrained):
     """An RNNLM's encoder with concat pooling and a classification head (see the module docstring).
+
+    ``Classifier.from_pretrained(folder or OWNER/NAME)``, ``save_pretrained(folder)`` and ``push_to_hub(repo)``
+    read and write the weights, the encoder's settings and the head's (:mod:`rnnlm.network.pretrained`).
 
     Args:
         config: the encoder's settings (a pretrained LM's, or new ones to train from scratch).
@@ -112,6 +116,27 @@ class Classifier(nn.Module):
         else:
             layers.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*layers)
+
+    task = CLASSIFIER
+
+    def _folder_values(self) -> dict:
+        # The labels themselves and the tokens read per text belong to the trained classifier (the sharing layer
+        # writes them on export); the network knows how many classes it has.
+        head = {"num_classes": self.num_classes, **self.head_settings}
+        return {**self._base_values(), "task": CLASSIFIER, "classifier": head}
+
+    @classmethod
+    def _from_values(cls, values: dict, where: str) -> Classifier:
+        config = config_from_values(values, where)
+        head = values.get("classifier")
+        try:
+            # An exported folder names its labels; a folder save_pretrained wrote counts them.
+            count = len(head["labels"]) if "labels" in head else head["num_classes"]
+            return cls(config, count, head["head_hidden"], head["pool_dropout"], head["head_dropout"])
+        except (TypeError, KeyError, ConfigError) as err:
+            raise PretrainedError(f"The classifier settings in {where} cannot be used ({err!r}): it needs "
+                                  "'classifier' with labels (or num_classes), head_hidden, pool_dropout and "
+                                  "head_dropout.") from None
 
     @property
     def directions(self) -> tuple[str, ...]:

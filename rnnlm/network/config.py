@@ -9,6 +9,7 @@ knows what it reads).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from rnnlm.errors import ConfigError, check_positive_int, check_probability
@@ -21,6 +22,9 @@ OUTPUTS = ("softmax", "adaptive")
 # Default cluster boundaries of the adaptive softmax: those below the vocabulary size are used.
 DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
 FORMAT_VERSION = 1
+# config.json's "model_type": what says an exported folder is rnnlm's (transformers reads it too). Here, with the
+# format version, because the network's save_pretrained writes it and the sharing layer's loaders check it.
+MODEL_TYPE = "rnnlm"
 # The dropout rates: they shape training, not the weights' shapes or meaning (a fine-tuned model may change them).
 DROPOUTS = ("dropout_embedding", "dropout_between", "dropout_output", "dropout_words", "weight_drop")
 # The settings that do not give the weights their shapes and meaning: the regularisers, how the loss is computed,
@@ -247,3 +251,19 @@ class RNNLMConfig:
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+
+
+def check_size(config: RNNLMConfig, where: str) -> None:
+    """Refuse, before a tensor is allocated, settings whose model would not fit in this machine's memory: a
+    damaged or hand-edited file (``hidden_size`` 10^7) would otherwise end in a crash rather than a message."""
+    needed = 4 * config.approximate_parameters()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every system reports it
+        return
+    if needed > memory:
+        raise ConfigError(
+            f"the model settings of {where} ask for about {needed / 2**30:,.0f} GiB of weights (vocab_size "
+            f"{config.vocab_size:,}, hidden sizes {list(config.layer_sizes)}), more than this machine's "
+            f"{memory / 2**30:,.0f} GiB: the file is damaged or its settings are wrong."
+        )

@@ -39,6 +39,7 @@ from rnnlm.cpu import rnn_kernels_for_autocast
 from rnnlm.errors import ConfigError
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.network.head import auto_block_rows, linear_cross_entropy
+from rnnlm.network.pretrained import LANGUAGE_MODEL, Pretrained, config_from_values
 
 State = Union[Tensor, tuple[Tensor, Tensor], list]  # noqa: UP007 - a runtime alias, Python 3.10 compatible
 DIRECTIONS = ("forward", "backward")
@@ -183,9 +184,22 @@ class Output(NamedTuple):
     features: Tensor
 
 
-class RNNLM(nn.Module):
+class RNNLM(nn.Module, Pretrained):
     """A multi-layer recurrent language model on torch's fused RNN kernels (cuDNN on GPU), built from a
-    :class:`~rnnlm.network.config.RNNLMConfig` (which documents every setting)."""
+    :class:`~rnnlm.network.config.RNNLMConfig` (which documents every setting).
+
+    ``RNNLM.from_pretrained(folder or OWNER/NAME)``, ``save_pretrained(folder)`` and ``push_to_hub(repo)`` read
+    and write the weights and settings of an exported folder (:mod:`rnnlm.network.pretrained`).
+    """
+
+    task = LANGUAGE_MODEL
+
+    def _folder_values(self) -> dict:
+        return self._base_values()
+
+    @classmethod
+    def _from_values(cls, values: dict, where: str) -> RNNLM:
+        return cls(config_from_values(values, where))
 
     def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()

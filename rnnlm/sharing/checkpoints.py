@@ -8,15 +8,12 @@ never runs code (``rnnlm.files.load_safely`` reads with ``weights_only=True``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError
-from rnnlm.network.config import RNNLMConfig
-
-CLASSIFIER = "classification"  # the record's "task" for a classifier (absent: a language model)
+from rnnlm.network.config import RNNLMConfig, check_size
+from rnnlm.network.pretrained import CLASSIFIER  # the record's "task" for a classifier (absent: a language model)
 
 
 def is_classifier_checkpoint(checkpoint: dict) -> bool:
@@ -71,17 +68,3 @@ def data_settings(checkpoint: dict) -> dict:
     return {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
 
 
-def check_size(config: RNNLMConfig, where: str) -> None:
-    """Refuse, before a tensor is allocated, settings whose model would not fit in this machine's memory: a
-    damaged or hand-edited file (``hidden_size`` 10^7) would otherwise end in a crash rather than a message."""
-    needed = 4 * config.approximate_parameters()
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every system reports it
-        return
-    if needed > memory:
-        raise ConfigError(
-            f"the model settings of {where} ask for about {needed / 2**30:,.0f} GiB of weights (vocab_size "
-            f"{config.vocab_size:,}, hidden sizes {list(config.layer_sizes)}), more than this machine's "
-            f"{memory / 2**30:,.0f} GiB: the file is damaged or its settings are wrong."
-        )

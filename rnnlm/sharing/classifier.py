@@ -22,15 +22,15 @@ from tokenizers import Tokenizer
 from rnnlm.errors import ConfigError
 from rnnlm.files import CheckpointError, load_safely
 from rnnlm.network.classifier import HEAD_DROPOUT, HEAD_HIDDEN, POOL_DROPOUT, Classifier
-from rnnlm.network.config import RNNLMConfig
-from rnnlm.sharing.checkpoints import check_size, data_settings, is_classifier_checkpoint, load_module_weights
+from rnnlm.network.config import RNNLMConfig, check_size
+from rnnlm.network.pretrained import load_weights
+from rnnlm.sharing.checkpoints import data_settings, is_classifier_checkpoint, load_module_weights
 from rnnlm.sharing.folders import (
     CLASSIFIER,
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     PretrainedError,
-    load_weights,
     read_config,
     read_tokenizer,
     read_values,

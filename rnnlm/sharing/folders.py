@@ -23,33 +23,31 @@ import copy
 import json
 import os
 import shutil
-import struct
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
-from torch import Tensor
 
-from rnnlm.errors import ConfigError, UserError
-from rnnlm.network.config import FORMAT_VERSION, RNNLMConfig
-from rnnlm.sharing.checkpoints import CLASSIFIER, check_size
+from rnnlm.errors import ConfigError, PretrainedError
+from rnnlm.files import atomic_folder
+from rnnlm.network.config import FORMAT_VERSION, MODEL_TYPE, RNNLMConfig, check_size
+from rnnlm.network.pretrained import (
+    CARD_FILE,
+    CLASSIFIER,
+    CONFIG_FILE,
+    LANGUAGE_MODEL,
+    MODEL_FILE,
+    save_weights,
+)
 from rnnlm.text.tokenization import special_tokens, tokenizer_kind, with_special_tokens
 from rnnlm.version import __version__
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-CARD_FILE = "README.md"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 MODELING_FILE = "modeling_rnnlm.py"
 # Folders written before transformers could read them lack the last two; rnnlm needs neither.
 FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE, TOKENIZER_CONFIG_FILE, MODELING_FILE)
 MODELING_SOURCE = Path(__file__).with_name("remote") / MODELING_FILE
 ONNX_FILE = "model.onnx"  # written on request (rnnlm.export --onnx) for serving; no rnnlm loader reads it
-MODEL_TYPE = "rnnlm"
 # What transformers reads in config.json (rnnlm does not): the classes to load, the special tokens' ids, whether
 # the embedding is shared, a classifier's labels.
 TRANSFORMERS_KEYS = ("architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
@@ -57,7 +55,6 @@ TRANSFORMERS_KEYS = ("architectures", "auto_map", "bos_token_id", "eos_token_id"
 # config.json holds the RNNLMConfig fields plus these; anything else is refused by name.
 EXTRA_KEYS = ("model_type", "rnnlm_version", "tokenizer_kind", "data", "chars_per_token", "task", "classifier",
               *TRANSFORMERS_KEYS)
-LANGUAGE_MODEL = "language-model"  # config.json's "task" (absent: a language model)
 READERS = {LANGUAGE_MODEL: "rnnlm.load (and rnnlm.generate, evaluate, score, fit --model.init_from)",
            CLASSIFIER: "rnnlm.sharing.classifier.load (and python -m rnnlm.classify predict / evaluate)"}
 # Data settings that describe one machine, not the data: left out of an exported config.
@@ -75,10 +72,6 @@ def shareable(value):
     if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
         return Path(value.rstrip("/\\")).name or value
     return value
-
-
-class PretrainedError(UserError):
-    """A pretrained model (folder, Hub repo) that cannot be found or used."""
 
 
 # --------------------------------------------------------------------------------------------- config.json
@@ -215,83 +208,6 @@ def read_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         raise PretrainedError(f"{path} is not a valid tokenizer file ({err}).") from None
 
 
-# --------------------------------------------------------------------------------------------- weights
-def _sniff_tensor_file(path: Path) -> None:
-    """Refuse anything but a safetensors file before a byte of it is interpreted: a pickle or a torch.save archive
-    named model.safetensors could run code in a loader that falls back to pickle."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9:
-        (length,) = struct.unpack("<Q", head[:8])  # a safetensors file: the header's length, then its JSON
-        if head[8:9] == b"{" and 0 < length <= path.stat().st_size - 8:
-            return
-    if head[:4] == b"PK\x03\x04":
-        what = "a zip archive, as torch.save writes (a pickle inside)"
-    elif head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        what = "a Python pickle"
-    elif len(head) < 9:
-        what = f"only {len(head)} bytes long"
-    else:
-        what = f"not a safetensors file (it begins with {head!r})"
-    raise PretrainedError(
-        f"Refused {path}: it is {what}. rnnlm reads weights only from safetensors files, which hold tensors and "
-        "nothing that can run code; re-export the model from its checkpoint with `python -m rnnlm.export`."
-    )
-
-
-def _shared_groups(state: dict[str, Tensor]) -> list[set[str]]:
-    """Names of the state dict that share storage (tied weights, directions sharing their embedding)."""
-    by_storage: dict[tuple, set[str]] = {}
-    for name, t in state.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        by_storage.setdefault(key, set()).add(name)
-    return [names for names in by_storage.values() if len(names) > 1]
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Fill ``model`` from the safetensors file ``path``, refusing (with names and shapes) missing, unexpected or
-    mis-shaped tensors before a weight is touched."""
-
-    if not path.is_file():
-        other = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt*")]
-        hint = (f" ({', '.join(other)} is not read: pickle files can run code when loaded)" if other else "")
-        raise PretrainedError(f"{path.parent} has no {MODEL_FILE}: the weights are missing{hint}.")
-    _sniff_tensor_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PretrainedError(f"{path} cannot be read: it is truncated or corrupt ({err}).") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    groups = _shared_groups(model.state_dict())
-    alias = {name: group for group in groups for name in group}
-    missing = sorted(k for k in expected if k not in shapes and not (alias.get(k, set()) & shapes.keys()))
-    unexpected = sorted(k for k in shapes if k not in expected)
-    wrong = [f"{k} {list(shapes[k])} (the config needs {list(expected[k])})"
-             for k in sorted(shapes) if k in expected and shapes[k] != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("tensors of the wrong shape: " + "; ".join(_first(wrong)))
-        if missing:
-            parts.append("missing tensors: " + ", ".join(_first(missing)))
-        if unexpected:
-            parts.append("tensors the config has no place for: " + ", ".join(_first(unexpected)))
-        raise PretrainedError(
-            f"The weights in {path} do not fit the model that {path.parent / CONFIG_FILE} describes ("
-            + "; ".join(parts) + "). The files come from different models, or config.json was edited; re-export "
-            "the model from its checkpoint."
-        )
-    try:
-        load_model(model, str(path), strict=True)
-    except (RuntimeError, SafetensorError) as err:
-        raise PretrainedError(f"The weights in {path} cannot be loaded: {err}") from None
-
-
-def _first(items: list[str], n: int = 6) -> list[str]:
-    return items if len(items) <= n else [*items[:n], f"... ({len(items) - n} more)"]
-
-
 # --------------------------------------------------------------------------------------------- writing
 def write_folder(trained, out: str | os.PathLike, card: str | None = None, overwrite: bool = False,
                  extra=None) -> dict[str, int]:
@@ -309,13 +225,11 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
             raise PretrainedError(f"{out} exists and is not a folder: choose another --out.")
         if any(out.iterdir()) and not overwrite:
             raise PretrainedError(f"{out} exists and is not empty: choose another --out, or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model = trained.model
         if any(p.device.type != "cpu" for p in model.parameters()):
             model = copy.deepcopy(model).cpu()
-        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt", "rnnlm_version": __version__})
+        save_weights(model, tmp / MODEL_FILE)
         classifier = getattr(trained, "classifier_settings", None)  # a TrainedClassifier's labels and head
         config = folder_config(trained.config, trained.tokenizer, trained.data,
                                getattr(trained, "chars_per_token", {}), classifier() if classifier else None)
@@ -329,25 +243,5 @@ def write_folder(trained, out: str | os.PathLike, card: str | None = None, overw
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         if extra is not None:
             extra(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)  # safetensors writes its file private; the others are as usual
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
-        if out.exists():
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return sizes

@@ -23,13 +23,13 @@ from tokenizers import Tokenizer
 from rnnlm.files import load_safely
 from rnnlm.network.config import RNNLMConfig
 from rnnlm.network.lm import RNNLM
+from rnnlm.network.pretrained import load_weights
 from rnnlm.sharing.checkpoints import checked_config, data_settings, load_module_weights
 from rnnlm.sharing.folders import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     PretrainedError,
-    load_weights,
     read_config,
     read_tokenizer,
     read_values,
