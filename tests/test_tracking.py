@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -30,8 +31,14 @@ def _tiny(corpus: Path, out: Path, steps: int = 6) -> list[str]:
 
 
 def _records(run_dir: Path) -> dict[str, list]:
+    # W&B's service process writes the run file; on a loaded machine it may still be writing when finish() returns.
+    path = next(run_dir.glob("run-*.wandb"))
+    size, deadline = -1, time.monotonic() + 60
+    while path.stat().st_size != size and time.monotonic() < deadline:
+        size = path.stat().st_size
+        time.sleep(1.0)
     by_kind: dict[str, list] = {}
-    for record in read_wandb_records(next(run_dir.glob("run-*.wandb"))):
+    for record in read_wandb_records(path):
         by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
     return by_kind
 

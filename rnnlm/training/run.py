@@ -97,9 +97,11 @@ RUN_LOCK = ".rnnlm-run.lock"
 
 
 def _first_process() -> bool:
-    """Whether this is the process that starts a run: not a DDP worker Lightning launched, not another task of
-    a multi-process job (they run in the folder the first one holds)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    """Whether this is the process that starts a run: not a DDP worker Lightning launched, not another process of
+    a multi-process job (torchrun's RANK and GROUP_RANK, SLURM's SLURM_PROCID), which run in the folder the first
+    one holds."""
+    names = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") == "0" for name in names)
 
 
 @contextlib.contextmanager
