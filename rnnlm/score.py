@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -127,13 +127,15 @@ def log_probs(
     direction: str = "forward",
     batch_size: int = DEFAULT_BATCH_SIZE,
     predict_separator: bool = True,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """The log-probability in nats of each id sequence read as a document: from a fresh state at ``separator``,
     its ids and then (with ``predict_separator``) the separator that ends it are predicted; a backward model
     reads the ids right to left. Float64 ``[N]``.
 
     Sequences are batched by length (longest first), padded at the end and masked; rows whose sequence has
-    ended leave the batch, so padding costs little and never changes a result.
+    ended leave the batch, so padding costs little and never changes a result. ``on_tokens`` is told how many
+    tokens each pass predicted (progress inside a long sequence, which may take minutes).
     """
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -141,7 +143,7 @@ def log_probs(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [sequences[i] for i in rows]
-        result[rows] = _batch_log_probs(model, batch, separator, direction, predict_separator, device)
+        result[rows] = _batch_log_probs(model, batch, separator, direction, predict_separator, device, on_tokens)
     return result
 
 
@@ -152,6 +154,7 @@ def _batch_log_probs(
     direction: str,
     predict_separator: bool,
     device: torch.device,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """:func:`log_probs` of one batch of sequences sorted longest first."""
     lengths = torch.tensor([len(s) + int(predict_separator) for s in sequences])  # targets per row
@@ -175,6 +178,8 @@ def _batch_log_probs(
         token_log_probs, state = model.log_probs(x, y, state, direction)
         inside = torch.arange(t, end, device=device) < lengths[:active, None]
         totals[:active] += token_log_probs.double().masked_fill(~inside, 0.0).sum(dim=1)
+        if on_tokens is not None:
+            on_tokens(int((lengths[:active] - t).clamp(max=end - t).sum()))
     return totals.cpu().numpy()
 
 
@@ -184,6 +189,7 @@ def scores(
     batch_size: int = DEFAULT_BATCH_SIZE,
     directions: Sequence[str] | None = None,
     end: str = "separator",
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Tokens, characters, log-probability, perplexity and bits per character of each of ``texts``, each read
     as a document from a fresh state (see the module's documentation for the definitions).
@@ -206,8 +212,8 @@ def scores(
     model.eval()
     try:
         sequences = trained.encoder.encode_each(texts)
-        per_direction = {d: log_probs(model, sequences, trained.encoder.separator, d, batch_size, bool(extra)).tolist()
-                         for d in directions}
+        per_direction = {d: log_probs(model, sequences, trained.encoder.separator, d, batch_size, bool(extra),
+                                      on_tokens).tolist() for d in directions}
     finally:
         model.train(was_training)
     results = []
@@ -310,8 +316,17 @@ def write_scores(
     if len(directions) > 1:
         keys += [f"{d}_logprob" for d in directions]
     totals = dict.fromkeys(keys, 0)
+    scored = 0
+
+    def tokens_done(count: int) -> None:  # progress inside a window: one long line may take minutes
+        nonlocal scored
+        scored += count
+        if progress is not None:
+            progress.set_postfix_str(f"{scored:,} tokens", refresh=False)
+            progress.update(0)  # shows the bar when its interval has passed
+
     for window in _windows(iter(items)):
-        results = scores(trained, [item.text for item in window], batch_size, directions, end)
+        results = scores(trained, [item.text for item in window], batch_size, directions, end, tokens_done)
         for item, result in zip(window, results, strict=True):
             record = {"index": item.index, "line": item.line, **result}
             if not math.isfinite(record["logprob"]):

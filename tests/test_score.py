@@ -91,6 +91,18 @@ def test_items_longer_than_one_pass_carry_their_state(trained, monkeypatch):
         assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-5, abs=1e-5)
 
 
+def test_progress_is_reported_inside_a_long_item(trained, monkeypatch):
+    """One long line is scored in passes; each pass reports its tokens, so a run on one huge line shows life, and
+    the reports add up to every token predicted."""
+    lm = load(trained[0])
+    monkeypatch.setattr(score, "MAX_STEPS_PER_PASS", 4)
+    counts: list[int] = []
+    long_line = " ".join(ITEMS) * 3
+    result = scores(lm, [long_line, "the cat"], batch_size=2, on_tokens=counts.append)
+    assert len(counts) > 4 and all(c > 0 for c in counts)
+    assert sum(counts) == sum(r["tokens"] for r in result)
+
+
 def test_evaluate_reads_another_source_without_the_training_sources_hub_settings(trained, tmp_path):
     from rnnlm.evaluate import evaluate, evaluation_data
 
