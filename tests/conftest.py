@@ -62,6 +62,16 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face Hub cache of this test's own (huggingface_hub reads the variable once, at import)."""
+    cache = tmp_path / "hf-hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     """A folder with train/valid/test text files, as WikiText and PTB come."""
     folder = tmp_path / "corpus"

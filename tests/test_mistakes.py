@@ -136,7 +136,8 @@ def test_empty_input_is_refused_by_every_command_that_reads_lines(home, monkeypa
                       "--output", home / "existing.jsonl"], "no line", home, monkeypatch, capsys)
     expect(embed, ["--checkpoint", home / "lm.ckpt", "--input", home / "empty.txt", "--out", home / "f.npz"],
            "no line", home, monkeypatch, capsys)
-    expect(score, ["--checkpoint", home / "lm.ckpt", "--input", home / "empty.txt"], "", home, monkeypatch, capsys)
+    expect(score, ["--checkpoint", home / "lm.ckpt", "--input", home / "empty.txt"], "nothing to score", home,
+           monkeypatch, capsys)
 
 
 # ------------------------------------------------------------------------------------------------ wrong model

@@ -57,15 +57,6 @@ def exported_lm(tiny_lm_checkpoint, tmp_path, capsys) -> Path:
     return folder
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hf-hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))  # read once, at import
-    return cache
-
-
 # ----------------------------------------------------------------------------------------- language models
 def test_an_exported_folder_loads_with_the_logits_rnnlm_load_gives(exported_lm, capsys):
     model = RNNLM.from_pretrained(exported_lm)

@@ -289,15 +289,6 @@ def _populate_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "
     return snapshot
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hf-hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))  # read once, at import
-    return cache
-
-
 def test_a_hub_id_loads_from_the_hub_cache_through_huggingface_hub(tmp_path, hub_cache, capsys):
     trained = _trained(tie_weights=True, embedding_dim=12)
     write_folder(trained, tmp_path / "export")
