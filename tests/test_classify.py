@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,40 @@ def test_init_from_copies_the_pretrained_encoder_and_refuses_a_config(tmp_path, 
         TextClassifier(RNNLMConfig(data.vocab_size, hidden_size=64), data.classes, init_from=str(pretrained))
 
 
+def test_the_same_schedule_control_takes_the_architecture_and_not_the_weights(tmp_path, pretrained):
+    import rnnlm
+
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(30)), tmp_path, init_from=str(pretrained))
+    lm = rnnlm.load(pretrained)
+    control = TextClassifier(RNNLMConfig(data.vocab_size), data.classes, init_from=str(pretrained),
+                             pretrained_weights=False)
+    assert control.model.config.architecture() == lm.config.architecture()
+    assert control.tokenizer_json == lm.tokenizer.to_str()
+    own = control.model.encoder.state_dict()
+    assert not any(torch.equal(own[name], value) for name, value in lm.model.state_dict().items() if name in own)
+    with pytest.raises(ConfigError, match="pretrained_weights: false needs model.init_from"):
+        TextClassifier(RNNLMConfig(data.vocab_size), data.classes, pretrained_weights=False)
+
+
+def test_label_smoothing_changes_the_training_loss_only(tmp_path):
+    data = data_module(write_tsv(tmp_path / "d" / "train.tsv", contains_x(40)), tmp_path, tokenizer="char",
+                       val_fraction=0.0)
+    batch = next(iter(data.train_dataloader()))
+    losses = {}
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = classifier(data, label_smoothing=smoothing)
+        model.trainer = types.SimpleNamespace(train_dataloader=None, num_training_batches=1, global_step=1,
+                                              log_every_n_steps=50)
+        losses[smoothing] = model.training_step(batch, 0).item()
+        logits = model(batch.ids, batch.lengths)
+        assert float(torch.nn.functional.cross_entropy(logits, batch.labels, label_smoothing=smoothing)) \
+            == pytest.approx(losses[smoothing])
+    assert losses[0.0] != pytest.approx(losses[0.2])
+    with pytest.raises(ConfigError, match="label_smoothing must be in"):
+        classifier(data, label_smoothing=1.0)
+
+
 # ----------------------------------------------------------------------------------------- the command line
 def _config(tmp_path: Path, source: Path, **model) -> Path:
     import yaml
@@ -576,8 +611,6 @@ def test_a_run_resumed_mid_epoch_sees_the_batches_it_had_left(tmp_path):
 def test_training_seconds_are_the_clock_s_over_a_resume(tmp_path, monkeypatch):
     """train_seconds reads the clock from the start of training, is saved in the checkpoint and, resumed, goes on
     from there; the time between the two runs does not count. Each batch takes 2 s of a fake clock."""
-    import types
-
     import lightning as L
 
     import rnnlm.training.classifier

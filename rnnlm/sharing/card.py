@@ -377,7 +377,8 @@ def classifier_card(checkpoint: dict, trained, load_as: str, title: str | None =
     hp = checkpoint.get("hyper_parameters", {})
     data, c, head = trained.data, trained.config, trained.model.head_settings
     kind = tokenizer_kind(trained.tokenizer, data.get("tokenizer"))
-    source, base = data.get("source"), hp.get("init_from")
+    # A control run that took only the pretrained model's architecture (pretrained_weights false) has no base model.
+    source, base = data.get("source"), hp.get("init_from") if hp.get("pretrained_weights", True) else None
     name = title or default_title(checkpoint, f"rnnlm {kind}-level {c.cell} text classifier")
     language = languages(data, language)
     own, other = measured_results(checkpoint)

@@ -51,11 +51,11 @@ STAGES = ("val", "test")
 _STEP_SCHEDULERS = (SlantedTriangularLR, OneCycleLR, CyclicLR)  # designed to move every optimizer step
 
 
-def load_pretrained_encoder(init_from: str, classifier: Classifier) -> None:
-    """Copy the embedding and recurrent weights of a pretrained LM (anything :func:`rnnlm.load` reads) into
-    ``classifier.encoder``."""
+def load_pretrained_encoder(init_from: str, classifier: Classifier, weights: dict[str, Tensor] | None = None) -> None:
+    """Copy the embedding and recurrent weights of a pretrained LM (anything :func:`rnnlm.load` reads; ``weights``:
+    its state dict, when already loaded) into ``classifier.encoder``."""
 
-    weights = load(init_from).model.state_dict()
+    weights = load(init_from).model.state_dict() if weights is None else weights
     own = classifier.encoder.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
@@ -84,6 +84,11 @@ class TextClassifier(L.LightningModule):
             group per layer group.
         lr_scheduler: the learning-rate schedule (e.g. ``rnnlm.training.ulmfit.SlantedTriangularLR``); stepped every
             optimizer step for SlantedTriangularLR, OneCycleLR and CyclicLR, every epoch otherwise.
+        label_smoothing: the training loss's label smoothing (0: none); validation and test report the plain
+            cross-entropy, so that runs with and without it compare.
+        pretrained_weights: with ``init_from``, start from its weights (default); ``false`` takes only its
+            architecture and tokenizer and starts the encoder from random weights: the control that tells what the
+            LM's weights bring from what the schedule brings.
     """
 
     def __init__(
@@ -100,9 +105,17 @@ class TextClassifier(L.LightningModule):
         lr_factor: float = 2.6,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        pretrained_weights: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("model.groups_per_epoch", groups_per_epoch)
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0 <= label_smoothing < 1:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        if not pretrained_weights and init_from is None:
+            raise ConfigError("model.pretrained_weights: false needs model.init_from (whose architecture and tokenizer "
+                              "it takes); without init_from the encoder starts from random weights anyway.")
         if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or lr_factor < 1:
             raise ConfigError(f"model.lr_factor must be >= 1 (1 turns discriminative rates off), got {lr_factor!r}.")
         config = config if isinstance(config, RNNLMConfig) else RNNLMConfig.from_dict(dict(config))
@@ -124,8 +137,8 @@ class TextClassifier(L.LightningModule):
             self.pretrained_tokenizer = None
         config = scaled_dropouts(config, dropout_scale)
         self.model = Classifier(config, len(labels), head_hidden, pool_dropout, head_dropout)
-        if init_from is not None:
-            load_pretrained_encoder(init_from, self.model)
+        if init_from is not None and pretrained_weights:
+            load_pretrained_encoder(init_from, self.model, pretrained.model.state_dict())
         self.save_hyperparameters(ignore=["config", "optimizer", "lr_scheduler"])
         self.hparams["config"] = config.to_dict()  # the encoder as built: plain types, weights_only loading
         self.optimizer_factory = optimizer
@@ -232,7 +245,7 @@ class TextClassifier(L.LightningModule):
             # What a checkpoint written after this step resumes from (the Trainer fetches a batch ahead).
             loader.position = 0 if batch_idx + 1 >= self.trainer.num_training_batches else batch_idx + 1
         logits = self(batch.ids, batch.lengths)
-        loss = F.cross_entropy(logits, batch.labels)
+        loss = F.cross_entropy(logits, batch.labels, label_smoothing=self.hparams.label_smoothing)
         if writing_step(self.trainer):
             accuracy = (logits.detach().argmax(-1) == batch.labels).float().mean()
             self.log_dict({"train/loss": loss.detach(), "train/accuracy": accuracy}, on_step=True, on_epoch=False)
