@@ -657,6 +657,20 @@ def test_accuracy_against_training_time(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 1000
 
 
+def test_accuracy_against_the_number_of_labels(tmp_path):
+    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+    from plot_labels import main as plot
+    from plot_labels import read_results
+
+    results = tmp_path / "results.csv"
+    results.write_text("method,labels,accuracy\npretrained,1000,0.70\npretrained,1000,0.72\npretrained,10000,0.84\n"
+                       "TF-IDF,1000,0.753\nTF-IDF,10000,0.827\n")
+    assert read_results(str(results)) == {"pretrained": {1000: 0.72, 10000: 0.84}, "TF-IDF": {1000: 0.753,
+                                                                                                10000: 0.827}}
+    plot([str(results), "-o", str(tmp_path / "labels.png")])
+    assert (tmp_path / "labels.png").stat().st_size > 1000
+
+
 @pytest.mark.slow  # ten timed variants; tiny, but each time step is a kernel call
 def test_the_speed_script_measures_every_variant(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
