@@ -27,8 +27,7 @@ Output, by the suffix of ``--out``:
   ``i`` is input line ``i + 1`` (arrays count from 0, lines from 1).
 - ``.npz`` / ``.safetensors`` (held in memory until written): pooled: ``vectors``; per-token: ``states``
   ``[tokens, dim]`` (``[tokens, layers, dim]``) of every line one after the other, ``offsets`` ``[lines + 1]`` (line i
-  is ``states[offsets[i]:offsets[i+1]]``) and ``ids``, the token ids. (``.safetensors`` needs the ``safetensors``
-  package.)
+  is ``states[offsets[i]:offsets[i+1]]``) and ``ids``, the token ids.
 
 An empty line has no tokens: no per-token rows, and a pooled vector of NaN. The checkpoint may be a language model
 (anything :func:`rnnlm.load` reads) or a classifier of ``rnnlm.classify`` (its fine-tuned encoder).

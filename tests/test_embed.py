@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
+from safetensors.numpy import load_file
 
 import rnnlm
 from rnnlm import embed
@@ -137,10 +138,9 @@ def test_a_classifier_checkpoint_gives_its_fine_tuned_features(tmp_path, lines):
 
 
 def test_safetensors_holds_the_same_as_npz(forward_lm, lines, tmp_path):
-    safetensors = pytest.importorskip("safetensors.numpy")
     for suffix in ("npz", "safetensors"):
         main(["--checkpoint", str(forward_lm), "--input", str(lines), "--out", str(tmp_path / f"s.{suffix}")])
-    npz, st = np.load(tmp_path / "s.npz"), safetensors.load_file(str(tmp_path / "s.safetensors"))
+    npz, st = np.load(tmp_path / "s.npz"), load_file(str(tmp_path / "s.safetensors"))
     assert set(st) == {"states", "offsets", "ids"}
     for key in st:
         np.testing.assert_array_equal(st[key], npz[key])
