@@ -35,9 +35,9 @@ def read(path: str, text_field: str, label_field: str) -> tuple[list[str], list]
 
 def features(writer: FeatureWriter, texts: list[str], labels: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The pooled features of the texts the tokenizer leaves some token of, and their labels."""
-    _, rows = writer.block(texts, batch_size)
-    kept = [i for i, row in enumerate(rows) if row is not None]
-    return np.stack([rows[i] for i in kept]), np.asarray([labels[i] for i in kept])
+    tokens, rows = writer.block(texts, batch_size)
+    kept = [i for i, ids in enumerate(tokens) if len(ids)]
+    return rows[kept], np.asarray([labels[i] for i in kept])
 
 
 def main() -> None:

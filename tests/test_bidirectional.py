@@ -32,7 +32,7 @@ def test_no_look_ahead_at_any_layer(cell, num_layers):
     for direction in ("forward", "backward"):
         x = model._embed(idx, direction).detach().requires_grad_(True)  # original (left-to-right) order
         read = x if direction == "forward" else x.flip(1)
-        layers = model._layer_outputs(read, direction)
+        layers = model._layer_outputs(read, direction)[0]
         assert len(layers) == num_layers
         for layer, out in enumerate(layers):
             if direction == "backward":
@@ -52,8 +52,26 @@ def test_layer_outputs_match_the_fused_stack(cell):
     model = bilm(cell, 3)
     idx = torch.randint(0, 17, (2, 8))
     for direction in ("forward", "backward"):
-        h, _ = model._parts(direction)[1](model._embed(idx, direction))
-        torch.testing.assert_close(model._layer_outputs(model._embed(idx, direction), direction)[-1], h)
+        h, state = model._parts(direction)[1](model._embed(idx, direction))
+        layers, layers_state = model.read_layers(idx, direction=direction)
+        torch.testing.assert_close(layers[-1], h)
+        torch.testing.assert_close(layers_state, state)  # the same format, so either can carry on from the other
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("per_layer", [False, True], ids=["fused", "layer by layer"])
+def test_layers_read_in_pieces_match_one_pass(cell, per_layer):
+    # Layers of two sizes make the stack run layer by layer (LayerStack), whose state is a list with one entry per
+    # layer; the fused module's stacks its layers in one tensor.
+    model = bilm(cell, 2, **({"hidden_sizes": [16, 12]} if per_layer else {}))
+    assert model.config.per_layer == per_layer
+    idx = torch.randint(0, 17, (3, 11))
+    for direction in ("forward", "backward"):
+        whole, _ = model.read_layers(idx, direction=direction)
+        first, state = model.read_layers(idx[:, :4], direction=direction)
+        second, _ = model.read_layers(idx[:, 4:], state, direction)
+        for layer, (a, b, c) in enumerate(zip(whole, first, second, strict=True)):
+            torch.testing.assert_close(torch.cat([b, c], dim=1), a, msg=f"{direction} layer {layer}")
 
 
 def test_representations_concatenate_left_and_right_context():

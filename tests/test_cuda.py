@@ -115,3 +115,24 @@ def test_evaluate_on_the_gpu_equals_the_cpu(corpus_dir, tmp_path):
     on_gpu = evaluate.evaluate(str(ckpt), "test", accelerator="cuda")
     on_cpu = evaluate.evaluate(str(ckpt), "test", accelerator="cpu")
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["none", "concat"])
+def test_embed_reads_in_pieces_on_the_gpu_as_on_the_cpu(monkeypatch, pooling):
+    from rnnlm import embed
+    from rnnlm.text.batching import make_batch
+
+    monkeypatch.setattr(embed, "PIECE", 7)
+    torch.manual_seed(0)
+    model = RNNLM(RNNLMConfig(13, num_layers=2, embedding_dim=5, hidden_size=6, bidirectional=True)).eval()
+    batch = make_batch([torch.randint(1, 13, (n,)).numpy() for n in (29, 20, 1, 14)], separator=0)
+
+    def features(device):
+        writer = embed.FeatureWriter(embed.FeatureModel(model.to(device), None, 1 << 20, "language model"), pooling,
+                                     "all")
+        return writer.features(batch.ids.to(device), batch.lengths.to(device))
+
+    on_cpu = features("cpu")
+    on_gpu = features(CUDA)  # handed back in host memory, piece by piece
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)  # cuDNN may use TF32

@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_text, tiny_data, tiny_model, tiny_trainer
+from safetensors.numpy import load_file
 
 import rnnlm
-from rnnlm.embed import main
-from rnnlm.errors import ConfigError
+from rnnlm import embed
+from rnnlm.embed import FeatureModel, FeatureWriter, main
+from rnnlm.errors import ConfigError, UserError
+from rnnlm.network.classifier import concat_pool, reverse_texts, text_mask
+from rnnlm.network.config import RNNLMConfig
+from rnnlm.network.lm import RNNLM
+from rnnlm.text.batching import make_batch
 
 LINES = ["the cat sat", "", "a dog ran to the park", "birds"]
 
@@ -132,10 +138,9 @@ def test_a_classifier_checkpoint_gives_its_fine_tuned_features(tmp_path, lines):
 
 
 def test_safetensors_holds_the_same_as_npz(forward_lm, lines, tmp_path):
-    safetensors = pytest.importorskip("safetensors.numpy")
     for suffix in ("npz", "safetensors"):
         main(["--checkpoint", str(forward_lm), "--input", str(lines), "--out", str(tmp_path / f"s.{suffix}")])
-    npz, st = np.load(tmp_path / "s.npz"), safetensors.load_file(str(tmp_path / "s.safetensors"))
+    npz, st = np.load(tmp_path / "s.npz"), load_file(str(tmp_path / "s.safetensors"))
     assert set(st) == {"states", "offsets", "ids"}
     for key in st:
         np.testing.assert_array_equal(st[key], npz[key])
@@ -149,3 +154,139 @@ def test_settings_that_cannot_work_are_refused(forward_lm, lines, tmp_path):
     uneven = _lm(tmp_path / "uneven", hidden_sizes=[16, 8])
     with pytest.raises(ConfigError, match="layers of one size"):
         main(["--checkpoint", str(uneven), "--input", str(lines), "--out", str(tmp_path / "x.npz"), "--layers", "all"])
+
+
+# ------------------------------------------------------------------------------------------------ long texts
+def one_pass(encoder: RNNLM, ids: torch.Tensor, lengths: torch.Tensor, pooling: str, layers: str) -> torch.Tensor:
+    """The features of a whole batch read in one pass, as embed read them before it read in pieces: ``[B, *shape]``
+    pooled, or the rows' text tokens one after the other."""
+    per_direction = []
+    for direction in ("forward", "backward")[: 2 if encoder.config.bidirectional else 1]:
+        read, index = (ids, None) if direction == "forward" else reverse_texts(ids, lengths)
+        states = encoder.layer_states(read, direction)
+        states = {"top": states[-1:], "mean": [torch.stack(states).mean(0)], "all": states}[layers]
+        if pooling == "none" and index is not None:
+            states = [s.gather(1, index.unsqueeze(-1).expand_as(s)) for s in states]
+        if pooling != "none":
+            states = [_pool(s, lengths, pooling) for s in states]
+        per_direction.append(states)
+    both = torch.stack([torch.cat(parts, dim=-1) for parts in zip(*per_direction, strict=True)], dim=-2)
+    both = both if layers == "all" else both.squeeze(-2)
+    if pooling != "none":
+        return both
+    return torch.cat([both[b, 1 : int(n)] for b, n in enumerate(lengths)])
+
+
+def _pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "concat":
+        return concat_pool(states, lengths)
+    if pooling == "last":
+        return states[torch.arange(len(states)), lengths - 1]
+    mask = text_mask(lengths, states.size(1)).unsqueeze(-1)
+    if pooling == "max":
+        return states.masked_fill(~mask, float("-inf")).amax(1)
+    return (states * mask).sum(1) / (lengths - 1).unsqueeze(-1)
+
+
+# Lengths in positions (the separator and the text's tokens) against pieces of 7: several pieces, an exact multiple
+# of the piece in positions and in tokens, one token past a piece, a text of one token; unsorted, as rows may come.
+PIECE_LENGTHS = [30, 21, 2, 15, 8, 24]
+
+
+@pytest.mark.parametrize("pooling", embed.POOLINGS)
+@pytest.mark.parametrize("layers", embed.LAYERS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("stack", ["fused", "layer by layer"])
+def test_features_read_in_pieces_equal_one_pass(monkeypatch, pooling, layers, bidirectional, cell, stack):
+    monkeypatch.setattr(embed, "PIECE", 7)
+    torch.manual_seed(0)
+    # Weight drop (off in eval) makes the stack run layer by layer, whose state is a list per layer.
+    config = RNNLMConfig(13, cell=cell, num_layers=2, embedding_dim=5, hidden_size=6, bidirectional=bidirectional,
+                         weight_drop=0.5 if stack == "layer by layer" else 0.0)
+    encoder = RNNLM(config).eval()
+    assert config.per_layer == (stack == "layer by layer")
+    widths = []
+    for name in ("encode", "read_layers"):  # every call reads at most a piece
+        method = getattr(encoder, name)
+        monkeypatch.setattr(encoder, name, lambda ids, *a, m=method: widths.append(ids.size(1)) or m(ids, *a))
+    texts = [np.random.default_rng(n).integers(1, 13, n - 1) for n in PIECE_LENGTHS]
+    batch = make_batch(texts, separator=0)
+    writer = FeatureWriter(FeatureModel(encoder, None, 1 << 20, "language model"), pooling, layers)
+    mine = writer.features(batch.ids, batch.lengths)
+    assert max(widths) == 7 and len(widths) >= 5 * (2 if bidirectional else 1)
+    with torch.no_grad():
+        expected = one_pass(encoder, batch.ids, batch.lengths, pooling, layers)
+    assert mine.shape == expected.shape
+    torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
+
+
+LONG_LINES = [
+    "the cat sat on a mat",  # 20 characters: with the separator, 3 pieces of 7
+    "",
+    "a",
+    "every morning we walk along the river to see boats drift past old stone bridges",
+    "birds sang in tall green trees",
+]
+
+
+def _expected(checkpoint: Path, texts: list[str], pooling: str, layers: str) -> list[np.ndarray]:
+    lm = rnnlm.load(checkpoint)
+    with torch.no_grad():
+        return [one_pass(lm.model.eval(), _ids(lm, t), torch.tensor([len(t) + 1]), pooling, layers).numpy()
+                if t else None for t in texts]
+
+
+@pytest.fixture
+def long_lines(tmp_path) -> Path:
+    path = tmp_path / "long.txt"
+    path.write_text("\n".join(LONG_LINES) + "\n")
+    return path
+
+
+def test_long_lines_read_in_pieces_to_parquet(bilm, long_lines, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(embed, "PIECE", 7)
+    out = tmp_path / "long.parquet"
+    main(["--checkpoint", str(bilm), "--input", str(long_lines), "--out", str(out), "--layers", "all",
+          "--batch_size", "2"])
+    rows = pq.read_table(out).to_pylist()
+    for row, text, expected in zip(rows, LONG_LINES, _expected(bilm, LONG_LINES, "none", "all"), strict=True):
+        assert "".join(row["tokens"]) == text
+        if expected is None:
+            assert row["states"] == []
+            continue
+        np.testing.assert_allclose(np.array(row["states"]), expected, rtol=1e-5, atol=1e-6)
+    # Neither a dictionary nor compression for the floats: Parquet would hold back a whole row group's pages.
+    states = pq.ParquetFile(out).metadata.row_group(0).column(2)
+    assert states.compression == "UNCOMPRESSED" and not any("DICTIONARY" in e for e in states.encodings)
+
+
+@pytest.mark.parametrize("pooling", ["concat", "last"])
+def test_long_lines_read_in_pieces_to_npy(forward_lm, long_lines, tmp_path, monkeypatch, pooling):
+    monkeypatch.setattr(embed, "PIECE", 7)
+    main(["--checkpoint", str(forward_lm), "--input", str(long_lines), "--out", str(tmp_path / "p.npy"),
+          "--pooling", pooling, "--batch_size", "3"])
+    vectors = np.load(tmp_path / "p.npy")
+    for vector, expected in zip(vectors, _expected(forward_lm, LONG_LINES, pooling, "top"), strict=True):
+        if expected is None:
+            assert np.isnan(vector).all()
+        else:
+            np.testing.assert_allclose(vector, expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_too_large_for_one_arrow_list_is_written_in_several(forward_lm, long_lines, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    main(["--checkpoint", str(forward_lm), "--input", str(long_lines), "--out", str(tmp_path / "one.parquet")])
+    longest = 16 * max(len(t) for t in LONG_LINES)  # floats of the longest line
+    monkeypatch.setattr(embed, "ARROW_LIST_VALUES", longest)
+    main(["--checkpoint", str(forward_lm), "--input", str(long_lines), "--out", str(tmp_path / "split.parquet")])
+    one, split = pq.ParquetFile(tmp_path / "one.parquet"), pq.ParquetFile(tmp_path / "split.parquet")
+    assert one.metadata.num_row_groups == 1 and split.metadata.num_row_groups > 1
+    assert split.read().equals(one.read())
+    monkeypatch.setattr(embed, "ARROW_LIST_VALUES", longest - 1)
+    with pytest.raises(UserError, match="Line 4 has more per-token features"):
+        main(["--checkpoint", str(forward_lm), "--input", str(long_lines), "--out", str(tmp_path / "no.parquet")])
+    assert not (tmp_path / "no.parquet").exists()

@@ -140,6 +140,15 @@ def test_empty_input_is_refused_by_every_command_that_reads_lines(home, monkeypa
            monkeypatch, capsys)
 
 
+def test_an_alphabet_too_large_for_a_unigram_vocabulary_is_one_message(home, monkeypatch, capsys):
+    hangul = home / "hangul.txt"  # 50 syllables, the space and the newline, against a vocabulary of 20
+    hangul.write_text("".join(" ".join(chr(0xAC00 + (i * 7 + j) % 50) * 3 for j in range(6)) + "\n" for i in range(60)))
+    expect(fit, ["--config", QUICKSTART, "--data.source", hangul, "--data.cache_dir", home / "cache",
+                 "--trainer.default_root_dir", home / "run", "--trainer.logger", "false", "--data.tokenizer", "unigram",
+                 "--data.vocab_size", "20", "--sample.max_new_tokens", "0"],
+           "has 52 distinct characters, more than data.vocab_size=20", home, monkeypatch, capsys)
+
+
 # ------------------------------------------------------------------------------------------------ wrong model
 def test_a_classifier_checkpoint_where_a_language_model_is_expected_is_named(home, tiny_lm_corpus, monkeypatch,
                                                                              capsys):

@@ -13,6 +13,7 @@ from rnnlm.text.tokenization import (
     EOS,
     LEVELS,
     UNK,
+    CharCounter,
     Encoder,
     TokenizerError,
     byte_tokenizer,
@@ -372,6 +373,38 @@ def test_unknown_level_and_missing_vocab_size():
     for level in ("bpe", "unigram", "wordpiece"):
         with pytest.raises(TokenizerError, match="vocab_size"):
             train_tokenizer(level, ["abc"])
+
+
+# 50 Hangul syllables in words of 5, and the space: 51 distinct characters.
+HANGUL = [" ".join("".join(chr(0xAC00 + (i * 7 + j) % 50) for j in range(5)) for i in range(40))] * 3
+
+
+def test_an_alphabet_larger_than_a_unigram_vocabulary_is_one_message():
+    with pytest.raises(TokenizerError, match=r"has 51 distinct characters, more than data.vocab_size=20 .*=bpe"):
+        train_tokenizer("unigram", iter(HANGUL), vocab_size=20)
+    assert train_tokenizer("unigram", iter(HANGUL), vocab_size=51).get_vocab_size() >= 51  # the limit is exact
+
+
+def test_bpe_and_wordpiece_keep_every_character_of_a_large_alphabet():
+    # Neither refuses a vocab_size below the alphabet's size: both grow past it rather than read a character as
+    # unknown (bpe spells any character in bytes; wordpiece keeps each character, alone and as a continuation).
+    for level in ("bpe", "wordpiece"):
+        tok = train_tokenizer(level, iter(HANGUL), vocab_size=20)
+        unknown = tok.token_to_id(UNK)
+        ids = ids_of(tok, HANGUL[0])
+        assert tok.get_vocab_size() > 20 and unknown not in ids, level
+        assert tok.decode(ids).replace(" ", "") == HANGUL[0].replace(" ", ""), level
+
+
+def test_a_failure_while_reading_the_texts_is_not_taken_for_a_large_alphabet(monkeypatch):
+    monkeypatch.setattr(CharCounter, "batch_characters", 1)  # every character counted before the failure
+
+    def texts():
+        yield from HANGUL
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        train_tokenizer("unigram", texts(), vocab_size=20)
 
 
 def test_tokenizers_parallelism_is_set_in_one_place(monkeypatch):

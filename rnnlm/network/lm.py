@@ -301,7 +301,14 @@ class RNNLM(nn.Module, Pretrained):
     def layer_states(self, idx: Tensor, direction: str = "forward") -> list[Tensor]:
         """Every recurrent layer's output ``[B, T, H_l]``, bottom to top, for ids read in the order given (for the
         backward direction, give them reversed). No dropout: for features, as :meth:`representations` uses."""
-        return self._layer_outputs(self._embed(idx, direction), direction)
+        return self.read_layers(idx, None, direction)[0]
+
+    def read_layers(
+        self, idx: Tensor, state: State | None = None, direction: str = "forward"
+    ) -> tuple[list[Tensor], State]:
+        """:meth:`layer_states` read from ``state``, and the state after the last step: the states of :meth:`encode`,
+        so a long text can be read in pieces, each one's state carried into the next."""
+        return self._layer_outputs(self._embed(idx, direction), direction, state)
 
     def _embed(self, idx: Tensor, direction: str) -> Tensor:
         """Input vectors x_t of the ids: an embedding row, or the fixed one-hot vector."""
@@ -374,23 +381,27 @@ class RNNLM(nn.Module, Pretrained):
         """
         if not self.config.bidirectional:
             raise ValueError("representations() needs a bidirectional model (bidirectional=True).")
-        fwd = self._layer_outputs(self._embed(idx, "forward"), "forward")
-        bwd = self._layer_outputs(self._embed(idx.flip(1), "backward"), "backward")
+        fwd = self.layer_states(idx, "forward")
+        bwd = self.layer_states(idx.flip(1), "backward")
         both = [torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
         return both if all_layers else both[-1]
 
-    def _layer_outputs(self, x: Tensor, direction: str) -> list[Tensor]:
-        """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given.
+    def _layer_outputs(
+        self, x: Tensor, direction: str, state: State | None = None
+    ) -> tuple[list[Tensor], State]:
+        """Every layer's output sequence ``[B, T, H]`` for input vectors ``x`` read in the order given from
+        ``state``, and the state after the last step, in the recurrent module's own format.
 
         The fused module only returns its top layer, so each layer is run on its own with that layer's weights.
         """
         rnn = self._parts(direction)[1]
-        outputs, h = [], x
+        outputs, states, h = [], [], x
         if isinstance(rnn, LayerStack):
-            for layer in rnn.layers:
-                h, _ = layer(h)
+            for i, layer in enumerate(rnn.layers):
+                h, layer_state = layer(h, None if state is None else state[i])
                 outputs.append(h)
-            return outputs
+                states.append(layer_state)
+            return outputs, states
         for layer in range(rnn.num_layers):
             kwargs = {**_rnn_kwargs(rnn), "num_layers": 1}
             if layer > 0:
@@ -401,9 +412,14 @@ class RNNLM(nn.Module, Pretrained):
                 for name, p in rnn.named_parameters()
                 if name.endswith(f"_l{layer}")
             }
-            h, _ = torch.func.functional_call(single, weights, (h,))
+            given = map_state(lambda s, i=layer: s[i : i + 1], state)
+            h, layer_state = torch.func.functional_call(single, weights, (h, given))
             outputs.append(h)
-        return outputs
+            states.append(layer_state)
+        # The fused module's state stacks its layers on dimension 0 (an LSTM's h and c each).
+        if isinstance(states[0], tuple):
+            return outputs, tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+        return outputs, torch.cat(states)
 
     @torch.no_grad()
     def generate(

@@ -116,26 +116,42 @@ def _code_points(text: str) -> np.ndarray:
 
 def count_chars(texts: Iterable[str]) -> Counter[str]:
     """Character frequencies, counted with numpy so that large corpora take seconds."""
-    counts: Counter[str] = Counter()
-    batch: list[str] = []
+    counter = CharCounter()
+    for _ in counter.through(texts):
+        pass
+    return counter.counts
 
-    def flush() -> None:
+
+class CharCounter:
+    """Counts the characters of texts on their way to another reader, so that a corpus read once is counted too."""
+
+    batch_characters = 1 << 24  # counted together: numpy's speed, in bounded memory
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.complete = False  # every text has gone through
+
+    def through(self, texts: Iterable[str]) -> Iterator[str]:
+        """``texts``, unchanged; ``counts`` holds their characters once the last one has been read."""
+        batch: list[str] = []
+        size = 0
+        for text in texts:
+            yield text
+            batch.append(text)
+            size += len(text)
+            if size >= self.batch_characters:
+                self._add(batch)
+                batch.clear()
+                size = 0
+        self._add(batch)
+        self.complete = True
+
+    def _add(self, batch: list[str]) -> None:
         if batch:
             # A histogram over code points: linear time, where np.unique would sort every character.
             hist = np.bincount(_code_points("".join(batch)))
             cps = np.flatnonzero(hist)
-            counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), hist[cps].tolist(), strict=True)})
-            batch.clear()
-
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size > 1 << 24:
-            flush()
-            size = 0
-    flush()
-    return counts
+            self.counts.update({chr(c): int(k) for c, k in zip(cps.tolist(), hist[cps].tolist(), strict=True)})
 
 
 def _keep_frequent(counts: Counter[str], min_frequency: int, max_vocab_size: int | None, n_special: int) -> list:
@@ -222,7 +238,24 @@ def train_tokenizer(
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[UNK, EOS], show_progress=False
         )
-    tok.train_from_iterator(texts, trainer=trainer)
+    # Every subword level keeps each character of the training text as a token: bpe has all 256 bytes whatever the
+    # text, and wordpiece grows past vocab_size to hold the alphabet, but the unigram trainer refuses an alphabet
+    # larger than vocab_size, in words of its own; the characters counted on the way say how many there are.
+    chars = CharCounter()
+    if level == "unigram":
+        texts = chars.through(texts)
+    try:
+        tok.train_from_iterator(texts, trainer=trainer)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is that refusal
+        if isinstance(err, UserError) or not chars.complete or len(chars.counts) <= vocab_size:
+            raise
+        n = len(chars.counts)
+        raise TokenizerError(
+            f"The training text has {n:,} distinct characters, more than data.vocab_size={vocab_size:,} can hold: a "
+            f"unigram tokenizer keeps every character as a token. Raise data.vocab_size well above {n + 2:,} (the "
+            "characters and the special tokens <unk> and <eos>, then room for subwords), or use data.tokenizer=bpe, "
+            "which starts from the 256 byte values and so reads any alphabet."
+        ) from None
     return tok
 
 
