@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.title:
         ax.set_title(args.title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(args.output, dpi=100)
     print(f"wrote {args.output}")
