@@ -51,7 +51,7 @@ from torch import Tensor
 from rnnlm.commands import ArgumentParser, add_device_option, progress, read_lines, resolve_device
 from rnnlm.errors import ConfigError, UserError, run_main
 from rnnlm.files import atomic_path, check_output, load_safely
-from rnnlm.network.classifier import reverse_texts
+from rnnlm.network.classifier import reverse_texts, text_mask
 from rnnlm.network.lm import DIRECTIONS, RNNLM, map_state, state_batch_size
 from rnnlm.sharing.checkpoints import is_classifier_checkpoint
 from rnnlm.sharing.classifier import from_checkpoint
@@ -156,7 +156,7 @@ class FeatureWriter:
             for d, direction in enumerate(directions):
                 x = ids if direction == "forward" else reverse_texts(ids, lengths)[0]
                 for start, states in self._read(x, lengths, direction):
-                    row, step = _text_mask(lengths, start, states.size(1)).nonzero(as_tuple=True)
+                    row, step = text_mask(lengths, states.size(1), start).nonzero(as_tuple=True)
                     position = step + start
                     # The backward direction read position p of a text of length n where the token n - p was.
                     token = position - 1 if direction == "forward" else lengths[row] - position - 1
@@ -175,7 +175,7 @@ class FeatureWriter:
         for start, states in self._read(ids, lengths, direction):
             states = states.float()
             rows, steps = states.shape[:2]
-            inside = _text_mask(lengths[:rows], start, steps)[..., None, None]
+            inside = text_mask(lengths[:rows], steps, start)[..., None, None]
             if self.pooling in ("mean", "concat"):
                 total[:rows] += states.masked_fill(~inside, 0.0).sum(dim=1)
             if self.pooling in ("max", "concat"):
@@ -212,11 +212,6 @@ def token_offsets(tokens: list[np.ndarray]) -> np.ndarray:
     """``[texts + 1]``: where each text's tokens begin among all of them, and the total last."""
     return np.concatenate([[0], np.cumsum([len(t) for t in tokens], dtype=np.int64)])
 
-
-def _text_mask(lengths: Tensor, start: int, steps: int) -> Tensor:
-    """``[B, steps]`` True where positions ``start ..`` are a text's tokens (:func:`text_mask` of a piece)."""
-    positions = torch.arange(start, start + steps, device=lengths.device)
-    return (positions >= 1) & (positions < lengths[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ output

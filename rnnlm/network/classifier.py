@@ -47,9 +47,10 @@ def reverse_texts(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return ids.gather(1, index), index
 
 
-def text_mask(lengths: Tensor, steps: int) -> Tensor:
-    """``[B, T]`` True at the text's tokens (positions 1 .. length-1), False at the separator and the padding."""
-    positions = torch.arange(steps, device=lengths.device)
+def text_mask(lengths: Tensor, steps: int, start: int = 0) -> Tensor:
+    """``[B, steps]`` True at the text's tokens (positions 1 .. length-1), False at the separator and the padding;
+    the positions are ``start ..``, for a piece of a longer batch."""
+    positions = torch.arange(start, start + steps, device=lengths.device)
     return (positions >= 1) & (positions < lengths[:, None])
 
 
